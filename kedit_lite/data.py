@@ -1,0 +1,143 @@
+"""Edit datasets: the course's own lecture cases (shipped), CounterFact and zsRE (read from a directory or downloaded).
+
+Chapter 2 explains the probes: paraphrase, reverse and portability (generalization) and locality.
+"""
+import json
+import os
+import random
+import urllib.request
+from pathlib import Path
+
+from .requests import EditCase, EditRequest, Probe
+
+_PACKAGE_DATA = Path(__file__).parent / "data"
+# Original sources, used only when no local copy exists and the machine is online.
+SOURCES = {
+    "counterfact": "https://rome.baulab.info/data/dsets/counterfact.json",
+    "zsre": "https://rome.baulab.info/data/dsets/zsre_mem_eval.json",
+}
+
+
+def data_dir():
+    """Directory holding CounterFact/zsRE: $KEDIT_DATA_DIR, else a `shared/data` beside the checkout, else None."""
+    if os.environ.get("KEDIT_DATA_DIR"):
+        return Path(os.environ["KEDIT_DATA_DIR"])
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                      Path.cwd().parent.parent / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _probes(items):
+    return [Probe(p["prompt"], p["answer"]) for p in items or []]
+
+
+def load_lecture(kind=None):
+    """The course's own edit cases (lecture and textbook examples, EN with ZH alongside), as EditCase objects."""
+    raw = json.loads((_PACKAGE_DATA / "lecture_cases.json").read_text(encoding="utf-8"))
+    cases = []
+    for r in raw:
+        if kind is not None and r.get("kind") != kind:
+            continue
+        req = EditRequest(r["prompt"], r["subject"], r["target_new"], r.get("target_true"))
+        cases.append(EditCase(req, _probes(r.get("paraphrase")), _probes(r.get("reverse")),
+                              _probes(r.get("portability")), _probes(r.get("locality")),
+                              {"id": r["id"], "source": r.get("source"), "kind": r.get("kind"), "zh": r.get("zh")}))
+    return cases
+
+
+def lecture_case(case_id):
+    """One lecture case by id, e.g. 'space-needle-taipei'."""
+    for case in load_lecture():
+        if case.meta["id"] == case_id:
+            return case
+    ids = [c.meta["id"] for c in load_lecture()]
+    raise KeyError(f"case_id: no lecture case {case_id!r}; available ids: {ids}")
+
+
+def _download(name, dest):
+    url = SOURCES[name]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            dest.write_bytes(response.read())
+    except OSError as err:
+        raise FileNotFoundError(
+            f"data_dir: no local copy of {name} and downloading {url} failed ({err}). Offline, set "
+            "KEDIT_DATA_DIR to a directory with counterfact/{train,val}.json and zsre/sample.json "
+            "(EasyEdit/MEND formats), or pass data_dir=...") from err
+    return dest
+
+
+def _locate(name, filename, data_dir_arg):
+    root = Path(data_dir_arg) if data_dir_arg is not None else data_dir()
+    if root is not None and (root / name / filename).exists():
+        return root / name / filename, "local"
+    if data_dir_arg is not None:
+        raise FileNotFoundError(f"data_dir: {Path(data_dir_arg) / name / filename} does not exist; point data_dir "
+                                f"at a folder containing {name}/{filename}")
+    from .models import cache_dir
+    cached = cache_dir() / "data" / f"{name}_original.json"
+    return (cached if cached.exists() else _download(name, cached)), "original"
+
+
+def _sample(records, n, seed):
+    if n is None or n >= len(records):
+        return records
+    if n <= 0:
+        raise ValueError(f"n: must be a positive number of records, got {n}")
+    return random.Random(seed).sample(records, n) if seed is not None else records[:n]
+
+
+def _from_original_counterfact(r):
+    rw = r["requested_rewrite"]
+    return {"case_id": r["case_id"], "prompt": rw["prompt"].format(rw["subject"]), "subject": rw["subject"],
+            "target_new": rw["target_new"]["str"], "ground_truth": rw["target_true"]["str"],
+            "rephrase_prompt": r["paraphrase_prompts"][0], "locality_prompt": r["neighborhood_prompts"][0],
+            "locality_ground_truth": rw["target_true"]["str"]}
+
+
+def load_counterfact(split="val", n=None, seed=None, data_dir=None):
+    """CounterFact edit cases (EasyEdit split format: prompt, subject, target_new, ground_truth, rephrase, locality)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    path, origin = _locate("counterfact", f"{split}.json", data_dir)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    if origin == "original":  # the original file is one list; make a deterministic 10% val split
+        records = [_from_original_counterfact(r) for r in records]
+        records = [r for i, r in enumerate(records) if (i % 10 == 0) == (split == "val")]
+    cases = []
+    for r in _sample(records, n, seed):
+        req = EditRequest(r["prompt"], r["subject"], r["target_new"], r.get("ground_truth"))
+        cases.append(EditCase(req, paraphrase=[Probe(r["rephrase_prompt"], r["target_new"])],
+                              locality=[Probe(r["locality_prompt"], r["locality_ground_truth"])],
+                              meta={"id": r.get("case_id"), "source": "counterfact"}))
+    return cases
+
+
+def load_zsre(n=None, seed=None, data_dir=None):
+    """zsRE question-answering edits (MEND format: src -> alt, rephrase, loc/loc_ans)."""
+    path, _ = _locate("zsre", "sample.json", data_dir)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    cases = []
+    for i, r in enumerate(_sample(records, n, seed)):
+        prompt = r["src"] if r["subject"] in r["src"] else f"{r['subject']}: {r['src']}"
+        req = EditRequest(prompt, r["subject"], r["alt"], (r.get("answers") or [None])[0])
+        loc_q, _, _ = r["loc"].partition("?")
+        cases.append(EditCase(req, paraphrase=[Probe(r["rephrase"], r["alt"])],
+                              locality=[Probe(loc_q.strip() + "?", r["loc_ans"])],
+                              meta={"id": i, "source": "zsre"}))
+    return cases
+
+
+def load_cases(name, split="val", n=None, seed=None, data_dir=None):
+    """Dispatch by dataset name: 'lecture', 'counterfact' or 'zsre'."""
+    if name == "lecture":
+        return _sample(load_lecture(), n, seed)
+    if name == "counterfact":
+        return load_counterfact(split, n, seed, data_dir)
+    if name == "zsre":
+        return load_zsre(n, seed, data_dir)
+    raise ValueError(f"data: unknown dataset {name!r}; use 'lecture', 'counterfact' or 'zsre'")

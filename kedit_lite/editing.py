@@ -1,0 +1,158 @@
+"""`edit()`: one entry point for every method, with validation, timing, memory, and exact undo (chapter 1).
+
+A method is a module with two functions:
+    touched_parameters(model, requests, **hparams) -> [parameter names it will change]   (validates hparams)
+    apply(model, tok, requests, **hparams) -> dict with optional "context", "restore", "info"
+`edit()` snapshots the touched parameters first, so a failed edit or `undo()` restores them bit for bit.
+"""
+import importlib
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .requests import EditError, as_request_list
+
+# method name -> module; each module is one algorithm, readable beside its chapter.
+METHODS = {"ft": "kedit_lite.ft", "ike": "kedit_lite.ike", "rome": "kedit_lite.rome", "memit": "kedit_lite.memit",
+           "mend": "kedit_lite.mend", "t-patcher": "kedit_lite.t_patcher"}
+
+
+def get_method(name):
+    """The method module for `name`, with a clear error for unknown or not-yet-available methods."""
+    key = str(name).lower().replace("_", "-") if isinstance(name, str) else name
+    if key == "tpatcher":
+        key = "t-patcher"
+    if key not in METHODS:
+        raise EditError(f"method: unknown method {name!r}; choose one of {sorted(METHODS)}")
+    try:
+        return importlib.import_module(METHODS[key])
+    except ModuleNotFoundError as err:
+        if err.name == METHODS[key]:
+            raise EditError(f"method: {key!r} is not available in this version of kedit_lite yet") from err
+        raise
+
+
+def _check_hparams(module, name, hparams):
+    allowed = [p for p in inspect.signature(module.apply).parameters if p not in ("model", "tok", "requests")]
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise EditError(f"hparams: unknown option(s) {unknown} for method {name!r}; its options are {allowed}")
+
+
+class _PeakMemory:
+    """Peak extra memory during a block: CUDA allocator stats on GPU, resident-set sampling on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak_mb = device, 0.0
+
+    @staticmethod
+    def _rss_mb():
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2**20
+        except OSError:
+            return 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self.start, self._high, self._stop = self._rss_mb(), 0.0, threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._high = max(self._high, self._rss_mb())
+            self._stop.wait(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._high, self._rss_mb()) - self.start
+        return False
+
+
+@dataclass
+class EditResult:
+    """What an edit did, with `undo()`; `context` is the text prepended to queries (IKE), else ''."""
+    method: str
+    requests: list
+    seconds: float
+    peak_memory_mb: float
+    touched: list
+    context: str = ""
+    info: dict = field(default_factory=dict)
+    undone: bool = False
+    _snapshot: dict = field(default=None, repr=False)
+    _restore_extra: object = field(default=None, repr=False)
+    _model: object = field(default=None, repr=False)
+
+    def undo(self):
+        """Put the model back exactly as it was before this edit (bit-identical weights, patches removed)."""
+        if self.undone:
+            raise RuntimeError("undo: this edit was already undone")
+        _restore(self._model, self._snapshot)
+        if self._restore_extra is not None:
+            self._restore_extra()
+        self.context, self.undone = "", True
+        return self
+
+    def evaluate(self, model, tok, case, **kwargs):
+        """evaluate() with this edit's context (so IKE and weight edits are scored the same way)."""
+        from .metrics import evaluate
+        return evaluate(model, tok, case, context=self.context, **kwargs)
+
+
+def _snapshot(model, names):
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise EditError(f"layer: parameter(s) {missing} do not exist in this model")
+    return {n: params[n].detach().clone() for n in names}
+
+
+@torch.no_grad()
+def _restore(model, snapshot):
+    params = dict(model.named_parameters())
+    for name, saved in snapshot.items():
+        params[name].copy_(saved)
+
+
+def edit(model, tok, requests, method="rome", **hparams):
+    """Apply `method` to make the model give each request's target_new; returns an EditResult with undo()."""
+    module = get_method(method)
+    _check_hparams(module, method, hparams)
+    reqs = as_request_list(requests)
+    if hasattr(module, "check_requests"):
+        module.check_requests(model, tok, reqs, **hparams)
+    names = module.touched_parameters(model, reqs, **hparams)
+    snapshot = _snapshot(model, names)
+    device = next(model.parameters()).device
+    try:
+        with _PeakMemory(device) as mem:
+            start = time.perf_counter()
+            out = module.apply(model, tok, reqs, **hparams) or {}
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        params = dict(model.named_parameters())
+        bad = [n for n in names if not torch.isfinite(params[n]).all()]
+        if bad:
+            raise EditError(f"hparams: the edit produced non-finite weights in {bad}; lower the learning rate")
+    except BaseException:
+        _restore(model, snapshot)
+        raise
+    return EditResult(method=method, requests=reqs, seconds=seconds, peak_memory_mb=mem.peak_mb, touched=names,
+                      context=out.get("context", ""), info=out.get("info", {}), _snapshot=snapshot,
+                      _restore_extra=out.get("restore"), _model=model)

@@ -1,0 +1,93 @@
+"""Small context managers to read or patch a module's input or output.
+
+The basis of causal tracing (chapter 4), ROME's k*/v* (chapter 5) and MEND's gradients (chapter 6).
+A module's output may be a tensor or a tuple whose first item is the hidden state; both are handled.
+"""
+from contextlib import contextmanager
+
+import torch
+
+from .adapters import get_module
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _replace_first(x, new):
+    return (new,) + tuple(x[1:]) if isinstance(x, tuple) else new
+
+
+def _resolve(model, module):
+    return get_module(model, module) if isinstance(module, str) else module
+
+
+@contextmanager
+def record(model, modules, what="output", detach=True):
+    """Record each module's output (or input) on every forward: yields {name: tensor} (last call wins)."""
+    if what not in ("output", "input"):
+        raise ValueError(f"what: expected 'output' or 'input', got {what!r}")
+    names = [modules] if isinstance(modules, str) else list(modules)
+    store, handles = {}, []
+    for name in names:
+        mod = _resolve(model, name)
+
+        def keep(tensor, name=name):
+            store[name] = tensor.detach() if detach else tensor
+        if what == "output":
+            handles.append(mod.register_forward_hook(lambda m, i, o, keep=keep: keep(_first(o))))
+        else:
+            handles.append(mod.register_forward_pre_hook(lambda m, i, keep=keep: keep(_first(i))))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def patch(model, module, fn, what="output"):
+    """Replace a module's output (or first input) x by fn(x) on every forward inside the block."""
+    mod = _resolve(model, module)
+    if what == "output":
+        handle = mod.register_forward_hook(lambda m, i, o: _replace_first(o, fn(_first(o))))
+    elif what == "input":
+        handle = mod.register_forward_pre_hook(lambda m, i: _replace_first(i, fn(_first(i))))
+    else:
+        raise ValueError(f"what: expected 'output' or 'input', got {what!r}")
+    try:
+        yield mod
+    finally:
+        handle.remove()
+
+
+def _index(x, positions):
+    """Rows/positions selector for a (batch, seq, d) tensor: one position per batch row, or a list for all."""
+    if isinstance(positions, int):
+        return (slice(None), positions)
+    positions = torch.as_tensor(positions, device=x.device)
+    if positions.dim() == 1 and positions.numel() == x.shape[0]:
+        return (torch.arange(x.shape[0], device=x.device), positions)
+    return (slice(None), positions)
+
+
+@contextmanager
+def add_at(model, module, positions, delta, what="output"):
+    """Add `delta` (d,) to a module's output (or input) at token `positions` (an int, or one per batch row)."""
+    def fn(x):
+        x = x.clone()
+        x[_index(x, positions)] += delta.to(x.dtype)
+        return x
+    with patch(model, module, fn, what):
+        yield
+
+
+@contextmanager
+def set_at(model, module, positions, values, what="output"):
+    """Overwrite a module's output (or input) at token `positions` with `values` (broadcast to the rows)."""
+    def fn(x):
+        x = x.clone()
+        x[_index(x, positions)] = values.to(x.dtype)
+        return x
+    with patch(model, module, fn, what):
+        yield

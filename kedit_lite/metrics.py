@@ -1,0 +1,139 @@
+"""The metrics of an edit (chapter 2): reliability, generalization (paraphrase, reverse, portability), locality.
+
+Each probe is scored two ways, side by side:
+- `token_acc`: teacher-forced token accuracy, the share of answer tokens that are the argmax when the correct
+  prefix is fed in (what EasyEdit reports);
+- `gen`: greedy generation — does the answer actually appear in what the model says?
+Reliability also gets `prob_wins`: P(target_new) > P(target_true) (CounterFact's efficacy score).
+Locality compares the edited model with the unedited one (`before=`), or with the stated answers otherwise.
+"""
+import re
+
+import torch
+
+from .requests import EditCase, EditRequest, Probe
+from .tokens import answer_logprobs, encode_pairs
+
+KINDS = ("reliability", "paraphrase", "reverse", "portability", "locality")
+
+
+def normalize(text):
+    """Lower-case, drop punctuation and articles, squeeze spaces: 'The Space-Needle.' -> 'space needle'."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def teacher_forced(model, tok, prompts, answers, batch_size=16):
+    """Per prompt: token accuracy, log P(answer), and the argmax token ids over the answer span."""
+    rows = []
+    for i in range(0, len(prompts), batch_size):
+        batch = encode_pairs(tok, prompts[i:i + batch_size], answers[i:i + batch_size], _device(model))
+        logp, correct, count, argmax = answer_logprobs(model, batch)
+        for b in range(len(logp)):
+            pred = argmax[b][batch["answer_mask"][b]].tolist()
+            rows.append({"token_acc": correct[b].item() / count[b].item(), "logprob": logp[b].item(),
+                         "pred_ids": pred, "n_tokens": count[b].item()})
+    return rows
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, max_new_tokens=8, batch_size=16):
+    """Greedy continuations of each prompt (left-padded batches), as text."""
+    outputs, old_side = [], tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(_device(model)) for k, v in enc.items()}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+            outputs += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = old_side
+    return outputs
+
+
+def answer_in(generated, answer):
+    """Does the normalized answer occur in the normalized generation?"""
+    return normalize(answer) in normalize(generated) if normalize(answer) else False
+
+
+def probes_of(case):
+    """{kind: [Probe]} for a case; reliability is the edit prompt itself."""
+    req = case.request
+    return {"reliability": [Probe(req.prompt_text, req.target_new)], "paraphrase": case.paraphrase,
+            "reverse": case.reverse, "portability": case.portability, "locality": case.locality}
+
+
+def _as_case(case):
+    if isinstance(case, EditCase):
+        return case
+    if isinstance(case, (EditRequest, dict)):
+        return EditCase(EditRequest.coerce(case))
+    raise TypeError(f"case: expected an EditCase (or EditRequest), got {type(case).__name__}")
+
+
+def evaluate(model, tok, case, before=None, context="", generation=True, max_new_tokens=None):
+    """Score one edit case on the current model; returns {kind: {"token_acc", "gen", ...}, "details": ...}.
+
+    `before`: the result of evaluate() on the unedited model; locality then measures agreement with it.
+    `context`: text prepended to every prompt (IKE's demonstrations; empty for weight edits).
+    """
+    case = _as_case(case)
+    if not isinstance(context, str):
+        raise TypeError(f"context: expected a string, got {type(context).__name__}")
+    kinds = {k: v for k, v in probes_of(case).items() if v}
+    flat = [(k, p) for k, probes in kinds.items() for p in probes]
+    prompts = [context + p.prompt for _, p in flat]
+    tf = teacher_forced(model, tok, prompts, [p.answer for _, p in flat])
+    gens = [None] * len(flat)
+    if generation:
+        n_new = max_new_tokens or max(r["n_tokens"] for r in tf) + 4
+        gens = generate(model, tok, prompts, max_new_tokens=n_new)
+    details = {k: [] for k in kinds}
+    for (kind, probe), row, gen in zip(flat, tf, gens):
+        details[kind].append({"prompt": probe.prompt, "answer": probe.answer, "token_acc": row["token_acc"],
+                              "logprob": row["logprob"], "pred_ids": row["pred_ids"], "generated": gen,
+                              "gen": None if gen is None else float(answer_in(gen, probe.answer))})
+    if before is not None and "locality" in details:
+        for after_row, before_row in zip(details["locality"], before["details"]["locality"]):
+            same = [a == b for a, b in zip(after_row["pred_ids"], before_row["pred_ids"])]
+            after_row["token_acc"] = sum(same) / max(len(same), 1)
+            if after_row["generated"] is not None and before_row["generated"] is not None:
+                after_row["gen"] = float(normalize(after_row["generated"]) == normalize(before_row["generated"]))
+    scores = {}
+    for kind, rows in details.items():
+        scores[kind] = {"token_acc": sum(r["token_acc"] for r in rows) / len(rows)}
+        if generation:
+            scores[kind]["gen"] = sum(r["gen"] for r in rows) / len(rows)
+    if case.request.target_true:
+        req = case.request
+        new, true = teacher_forced(model, tok, [context + req.prompt_text] * 2, [req.target_new, req.target_true])
+        scores["reliability"]["prob_wins"] = float(new["logprob"] > true["logprob"])
+        details["reliability"][0]["logprob_true"] = true["logprob"]
+    scores["details"] = details
+    return scores
+
+
+def summarize(all_scores):
+    """Average a list of evaluate() results into one flat {'reliability.token_acc': ...} dict."""
+    sums, counts = {}, {}
+    for scores in all_scores:
+        for kind in KINDS:
+            for mode, value in scores.get(kind, {}).items():
+                key = f"{kind}.{mode}"
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def table(scores):
+    """One evaluate() result as rows [kind, token_acc, gen, prob_wins] for display."""
+    return [[kind, scores[kind].get("token_acc"), scores[kind].get("gen"), scores[kind].get("prob_wins")]
+            for kind in KINDS if kind in scores]

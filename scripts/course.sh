@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The course command: execute every notebook on the embedded default model and build the book to _build/html.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+jupyter-book build . --builder html "$@"
+echo "Open $ROOT/_build/html/index.html"

@@ -14,13 +14,16 @@ __all__ = ["ADAPTERS", "DEFAULT_MODEL", "EditCase", "EditError", "EditRequest", 
 from . import course  # noqa: E402
 
 # Chapter modules loaded on first use (they pull in heavier dependencies).
-_LAZY = {"causal_trace": "kedit_lite.causal_trace", "suggest_layer": "kedit_lite.causal_trace",
-         "widgets": "kedit_lite.widgets"}
+# name -> (module, attribute or None for the module itself)
+_LAZY = {"causal_trace": ("kedit_lite.tracing", "causal_trace"),
+         "suggest_layer": ("kedit_lite.tracing", "suggest_layer"),
+         "widgets": ("kedit_lite.widgets", None), "edit_lab": ("kedit_lite.widgets", "edit_lab")}
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
-        module = importlib.import_module(_LAZY[name])
-        return module if module.__name__.endswith(name) else getattr(module, name)
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return module if attribute is None else getattr(module, attribute)
     raise AttributeError(f"module 'kedit_lite' has no attribute {name!r}")

@@ -27,6 +27,7 @@ def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams
     hparams = hparams or {}
     befores = [evaluate(model, tok, c, generation=generation) for c in tqdm(cases, desc="before", leave=False)]
     afters, seconds, memory = [], [], []
+    eval_seconds, n_queries = 0.0, 0  # cost of asking the edited model (IKE pays it on every query)
     for i in tqdm(range(0, len(cases), batch_size), desc=method, leave=False):
         chunk = cases[i:i + batch_size]
         result = edit(model, tok, [c.request for c in chunk] if batch_size > 1 else chunk[0].request,
@@ -34,11 +35,15 @@ def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams
         seconds.append(result.seconds)
         memory.append(result.peak_memory_mb)
         for case, before in zip(chunk, befores[i:i + batch_size]):
+            start = time.perf_counter()
             afters.append(result.evaluate(model, tok, case, before=before, generation=generation))
+            eval_seconds += time.perf_counter() - start
+            n_queries += sum(len(rows) for rows in afters[-1]["details"].values())
         result.undo()
     return {"method": method, "n": len(cases), "batch_size": batch_size, "before": summarize(befores),
             "after": summarize(afters), "median_seconds_per_edit": statistics.median(seconds),
             "seconds_per_request": sum(seconds) / len(cases), "peak_memory_mb": max(memory),
+            "eval_seconds_per_query": eval_seconds / max(n_queries, 1),
             "per_case": [{k: v for k, v in a.items() if k != "details"} for a in afters]}
 
 
@@ -49,6 +54,7 @@ def format_table(results):
     head = ["metric"] + [r["method"] for r in results]
     rows = [[k] + [f"{r['after'][k]:.3f}" if k in r["after"] else "-" for r in results] for k in keys]
     rows.append(["median s/edit"] + [f"{r['median_seconds_per_edit']:.3f}" for r in results])
+    rows.append(["eval s/query"] + [f"{r.get('eval_seconds_per_query', float('nan')):.3f}" for r in results])
     rows.append(["peak extra MB/edit"] + [f"{r['peak_memory_mb']:.1f}" for r in results])
     rows.append(["edits x batch"] + [f"{r['n'] // r['batch_size']}x{r['batch_size']}" for r in results])
     widths = [max(len(str(row[i])) for row in [head] + rows) for i in range(len(head))]

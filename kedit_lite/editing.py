@@ -156,3 +156,24 @@ def edit(model, tok, requests, method="rome", **hparams):
     return EditResult(method=method, requests=reqs, seconds=seconds, peak_memory_mb=mem.peak_mb, touched=names,
                       context=out.get("context", ""), info=out.get("info", {}), _snapshot=snapshot,
                       _restore_extra=out.get("restore"), _model=model)
+
+
+def edit_weights(model, names, update, method="manual", info=None):
+    """Apply `update(params_by_name)` (in-place, no grad) to the named weights as an undoable EditResult.
+
+    For edits that are not request-driven: deactivating neurons (chapter 8, right to be forgotten) or
+    projecting a bias direction out of a layer (chapter 8, debiasing).
+    """
+    snapshot = _snapshot(model, list(names))
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    try:
+        with _PeakMemory(device) as mem, torch.no_grad():
+            start = time.perf_counter()
+            update({n: params[n] for n in names})
+            seconds = time.perf_counter() - start
+    except BaseException:
+        _restore(model, snapshot)
+        raise
+    return EditResult(method=method, requests=[], seconds=seconds, peak_memory_mb=mem.peak_mb, touched=list(names),
+                      info=info or {}, _snapshot=snapshot, _model=model)

@@ -137,3 +137,17 @@ def table(scores):
     """One evaluate() result as rows [kind, token_acc, gen, prob_wins] for display."""
     return [[kind, scores[kind].get("token_acc"), scores[kind].get("gen"), scores[kind].get("prob_wins")]
             for kind in KINDS if kind in scores]
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts):
+    """Token-level perplexity of `texts` (side effects of an edit on ordinary language, chapter 8)."""
+    total_nll, total_tokens = 0.0, 0
+    for text in texts:
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(_device(model))
+        if ids.shape[1] < 2:
+            raise ValueError(f"texts: {text!r} is too short to score; pass sentences of two tokens or more")
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        total_nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        total_tokens += ids.shape[1] - 1
+    return float(torch.exp(torch.tensor(total_nll / total_tokens)))

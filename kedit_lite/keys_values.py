@@ -1,0 +1,246 @@
+"""k* and v*, the key and the value of a rank-one edit (chapter 5), shared by ROME and MEMIT.
+
+- k*: what the edited MLP's down projection reads (its input) at the subject's last token, averaged over
+  short random prefixes that the model writes itself (ROME's "context templates"), so the key stands for the
+  subject in any context rather than in one sentence.
+- v*: the output we want there instead. We optimise a vector δ added to the down projection's output at the
+  subject's last token until the target becomes likely after every prefix, while a KL term on
+  "{subject} is a" keeps the subject's other properties, and weight decay plus a norm clamp keep δ small.
+"""
+import torch
+
+from .adapters import module_name
+from .hooks import patch, record
+from .tokens import join, subject_last_index
+
+_PREFIX_CACHE = {}
+_PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "However", "She"]
+
+
+@torch.no_grad()
+def context_prefixes(model, tok, n=4, length=5, seed=0):
+    """[''] + `n` short prefixes the model writes itself (ROME's context templates); generated once per model."""
+    from .models import model_name
+    key = (id(model), model_name(model), n, length, seed)
+    if key in _PREFIX_CACHE:
+        return _PREFIX_CACHE[key]
+    device = next(model.parameters()).device
+    starts = [tok(_PREFIX_STARTS[i % len(_PREFIX_STARTS)], add_special_tokens=False).input_ids[:1] for i in range(n)]
+    prefixes = [""]
+    if n > 0:
+        ids = torch.tensor(starts, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                 max_new_tokens=length, min_new_tokens=length, pad_token_id=tok.pad_token_id,
+                                 top_p=None, temperature=None)
+        for row in tok.batch_decode(out, skip_special_tokens=True):
+            # braces would be read as template slots; newlines would make the prefix a separate document
+            text = " ".join(row.replace("{", " ").replace("}", " ").split()).rstrip(".")
+            prefixes.append(text or "The")
+    _PREFIX_CACHE[key] = prefixes
+    return prefixes
+
+
+def encode_in_context(tok, prefix, text, subject):
+    """Token ids of '<prefix>. <text>' and the index of the subject's last token (in `text`, not the prefix)."""
+    if not prefix:
+        return tok(text, add_special_tokens=False).input_ids, subject_last_index(tok, text, subject)
+    head = tok(prefix + ".", add_special_tokens=False).input_ids
+    body = " " + text
+    return head + tok(body, add_special_tokens=False).input_ids, len(head) + subject_last_index(tok, body, subject)
+
+
+def _pad(rows, pad_id, device):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row)
+        mask[b, :len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tok):
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+@torch.no_grad()
+def read_at_subject(model, tok, requests, prefixes, reads, chunk=64):
+    """Mean over prefixes of each module's input/output at the subject's last token.
+
+    `reads` is {name: (module_path, "input"|"output")}; returns {name: (n_requests, d)} float32 tensors.
+    """
+    device = next(model.parameters()).device
+    rows, positions = [], []
+    for r in requests:
+        for p in prefixes:
+            ids, pos = encode_in_context(tok, p, r.prompt_text, r.subject)
+            rows.append(ids)
+            positions.append(pos)
+    got = {name: [] for name in reads}
+    for start in range(0, len(rows), chunk):
+        ids, mask = _pad(rows[start:start + chunk], _pad_id(tok), device)
+        pos = torch.tensor(positions[start:start + chunk], device=device)
+        stores = {}
+        with _recording(model, reads, stores):
+            run_until(model, ids, mask, [path for path, _ in reads.values()])
+        for name in reads:
+            got[name].append(stores[name][torch.arange(len(pos), device=device), pos].float())
+    return {name: torch.cat(v).view(len(requests), len(prefixes), -1).mean(1) for name, v in got.items()}
+
+
+class _recording:
+    """Record several modules (inputs or outputs) at once: stores[name] = tensor."""
+
+    def __init__(self, model, reads, stores):
+        self.model, self.reads, self.stores, self.ctx = model, reads, stores, []
+
+    def __enter__(self):
+        for name, (path, what) in self.reads.items():
+            cm = record(self.model, path, what=what)
+            self.ctx.append((name, path, cm, cm.__enter__()))
+        return self.stores
+
+    def __exit__(self, *exc):
+        for name, path, cm, store in reversed(self.ctx):
+            self.stores[name] = store.get(path)
+            cm.__exit__(*exc)
+        return False
+
+
+class _Stop(Exception):
+    """Raised by a hook once everything wanted has been read: the layers above need not run."""
+
+
+def run_until(model, ids, mask, paths):
+    """Forward pass that stops as soon as every module in `paths` has run (reading layer 5 costs 6 layers, not 30)."""
+    from .adapters import get_module
+    pending = set(paths)
+
+    def done(name):
+        pending.discard(name)
+        if not pending:
+            raise _Stop
+    handles = [get_module(model, p).register_forward_hook(lambda m, i, o, p=p: done(p)) for p in set(paths)]
+    try:
+        _run(model, ids, mask)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(model, ids, mask):
+    """Forward pass that skips the full-vocabulary head where the model allows it (we read hidden states)."""
+    try:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    except TypeError:
+        return model(input_ids=ids, attention_mask=mask)
+
+
+def compute_keys(model, tok, requests, layers, prefixes):
+    """k*: {layer: (n_requests, d_k)}, the mlp_out input at the subject's last token averaged over prefixes."""
+    reads = {layer: (module_name(model, "mlp_out", layer), "input") for layer in layers}
+    return read_at_subject(model, tok, requests, prefixes, reads)
+
+
+def _value_batch(tok, requests, prefixes, device):
+    """Rows for v*: every prefix + prompt + target (teacher forced), then one '{subject} is a' row per request."""
+    rows, subj_pos, owner, tgt_rows, tgt_pos, tgt_ids = [], [], [], [], [], []
+    for j, r in enumerate(requests):
+        target = tok(join(r.prompt_text, r.target_new), add_special_tokens=False).input_ids
+        for p in prefixes:
+            ids, pos = encode_in_context(tok, p, r.prompt_text, r.subject)
+            for t, token in enumerate(target):
+                tgt_rows.append((len(rows), j))
+                tgt_pos.append(len(ids) - 1 + t)
+                tgt_ids.append(token)
+            rows.append(ids + target[:-1])
+            subj_pos.append(pos)
+            owner.append(j)
+    kl_start = len(rows)
+    for j, r in enumerate(requests):
+        text = f"{r.subject} is a"
+        ids, pos = encode_in_context(tok, "", text, r.subject)
+        rows.append(ids)
+        subj_pos.append(pos)
+        owner.append(j)
+    ids, mask = _pad(rows, _pad_id(tok), device)
+    kl_rows = torch.arange(kl_start, len(rows), device=device)
+    kl_pos = mask[kl_start:].sum(1) - 1
+    t = lambda x: torch.tensor(x, device=device)
+    return {"ids": ids, "mask": mask, "subj_pos": t(subj_pos), "owner": t(owner),
+            "tgt_row": t([a for a, _ in tgt_rows]), "tgt_owner": t([b for _, b in tgt_rows]),
+            "tgt_pos": t(tgt_pos), "tgt_ids": t(tgt_ids), "kl_rows": kl_rows, "kl_pos": kl_pos,
+            "n_prefixes": len(prefixes)}
+
+
+def _logits_at(model, final_norm, batch, deltas, mlp_out_path):
+    """Logits at the target positions and at the KL positions, with deltas[owner] added at each subject."""
+    rows = torch.arange(batch["ids"].shape[0], device=deltas.device)
+
+    def add(x):
+        return x.index_put((rows, batch["subj_pos"]), deltas[batch["owner"]].to(x.dtype), accumulate=True)
+    with patch(model, mlp_out_path, add), record(model, final_norm, detach=False) as store:
+        _run(model, batch["ids"], batch["mask"])
+    hidden = store[final_norm]
+    head = model.get_output_embeddings()
+    tgt = head(hidden[batch["tgt_row"], batch["tgt_pos"]]).float()
+    kl = head(hidden[batch["kl_rows"], batch["kl_pos"]]).float()
+    return tgt, kl
+
+
+def compute_deltas(model, tok, requests, layer, prefixes, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
+                   clamp_factor=4.0, stop_loss=5e-2, chunk=16):
+    """δ per request (n, d_model) at the mlp_out output of `layer`, so v* = v_old + δ; plus per-chunk losses."""
+    device = next(model.parameters()).device
+    deltas, history = [], []
+    for start in range(0, len(requests), chunk):
+        d, h = _optimise_chunk(model, tok, requests[start:start + chunk], layer, prefixes, steps, lr, kl_factor,
+                               weight_decay, clamp_factor, stop_loss, device)
+        deltas.append(d)
+        history.append(h)
+    return torch.cat(deltas), history
+
+
+def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor, weight_decay, clamp_factor,
+                    stop_loss, device):
+    """Adam on δ for a few requests at once (their losses are independent: each δ sits in its own rows)."""
+    n = len(requests)
+    batch = _value_batch(tok, requests, prefixes, device)
+    mlp_out_path = module_name(model, "mlp_out", layer)
+    final_norm = module_name(model, "final_norm")
+    # v_old, the value already stored at the subject: its norm scales the weight decay and the clamp
+    v_old = read_at_subject(model, tok, requests, prefixes, {"v": (mlp_out_path, "output")})["v"]
+    v_norm = v_old.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    d_model = v_old.shape[-1]
+    deltas = torch.zeros(n, d_model, device=device, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([deltas], lr=lr)
+    with torch.no_grad():
+        _, kl_logits = _logits_at(model, final_norm, batch, torch.zeros_like(deltas), mlp_out_path)
+        kl_ref = torch.log_softmax(kl_logits, -1)
+    n_tok = torch.zeros(n, device=device).index_add_(0, batch["tgt_owner"], torch.ones_like(batch["tgt_owner"],
+                                                                                             dtype=torch.float))
+    history = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            tgt_logits, kl_logits = _logits_at(model, final_norm, batch, deltas, mlp_out_path)
+            nll_tok = torch.nn.functional.cross_entropy(tgt_logits, batch["tgt_ids"], reduction="none")
+            # mean over each request's prefixes of the per-prompt mean token NLL == token sum / tokens per request
+            nll = torch.zeros(n, device=device).index_add(0, batch["tgt_owner"], nll_tok) / n_tok
+            kl = torch.nn.functional.kl_div(torch.log_softmax(kl_logits, -1), kl_ref, log_target=True,
+                                            reduction="none").sum(-1)
+            decay = weight_decay * deltas.norm(dim=-1) / v_norm.squeeze(-1) ** 2
+            loss = nll + kl_factor * kl + decay
+            history.append(nll.detach().max().item())
+            if history[-1] < stop_loss:
+                break
+            loss.sum().backward()
+            optimizer.step()
+            with torch.no_grad():  # the norm clamp: δ may not grow beyond clamp_factor × ‖v_old‖
+                scale = (clamp_factor * v_norm / deltas.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
+                deltas.mul_(scale)
+    return deltas.detach(), history

@@ -1,0 +1,94 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al. 2023), chapter 5.
+
+Many facts in one update, spread over a range of MLP layers R = [l₁ … l_L]:
+1. v*: for each fact, a δ at the output of the LAST layer of the range (the residual stream there), computed
+   with ROME's machinery (keys_values.compute_deltas); the target residual is z = h_L + δ.
+2. For each layer l in R, in order: the keys K (n × d_k) at l with the weights edited so far, the residual still
+   missing at the last layer, R = (z − h_L) / (layers left), and the batched least-squares update
+        ΔW_l = Rᵀ K (λ·E[kkᵀ] + Kᵀ K)⁻¹
+   which keeps the other keys (weighted by λ, `mom2_update_weight`) while writing all n values at once.
+`mom2_adjustment=False` replaces E[kkᵀ] by (mean ‖k‖²/d_k)·I (no statistics needed, as in EasyEdit's default).
+"""
+import torch
+
+from .adapters import as_out_in, check_layer, get_module, mlp_out_weight_name, module_name, num_layers
+from .keys_values import compute_deltas, context_prefixes, read_at_subject
+from .requests import EditError
+from .rome import check_hparams, default_layer
+from .stats import DEFAULT_N_TOKENS, second_moments
+
+N_LAYERS = 5  # MEMIT edits 5 (GPT-J) to 6 (GPT-2 XL) consecutive layers around the causal-tracing peak
+
+
+def default_layers(model):
+    """N_LAYERS consecutive layers ending two above the ROME layer (clipped to the model)."""
+    n = num_layers(model)
+    last = min(n - 1, default_layer(model) + 2)
+    return list(range(max(0, last - N_LAYERS + 1), last + 1))
+
+
+def _layers(model, layers):
+    layers = default_layers(model) if layers is None else layers
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise EditError(f"layers: expected an int or a non-empty list of ints, got {layers!r}")
+    try:
+        layers = [check_layer(model, layer, "layers") for layer in layers]
+    except (TypeError, ValueError) as err:
+        raise EditError(str(err)) from err
+    if len(set(layers)) != len(layers):
+        raise EditError(f"layers: {layers} repeats a layer; list each layer once")
+    return sorted(layers)
+
+
+def touched_parameters(model, requests, layers=None, mom2_update_weight=2000.0, **hparams):
+    """MEMIT changes the MLP down projection of every layer in the range."""
+    check_hparams(**hparams)
+    if not (isinstance(mom2_update_weight, (int, float)) and not isinstance(mom2_update_weight, bool)
+            and 0 < mom2_update_weight < float("inf")):
+        raise EditError(f"mom2_update_weight: expected a positive number, got {mom2_update_weight!r}")
+    return [mlp_out_weight_name(model, layer) for layer in _layers(model, layers)]
+
+
+def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
+          clamp_factor=0.75, n_prefixes=2, prefix_len=5, mom2_update_weight=2000.0, mom2_n_tokens=DEFAULT_N_TOKENS,
+          mom2_source="sample", mom2_adjustment=True, chunk=16, progress=False):
+    """Write all requests into the layers' down projections in one batched update per layer."""
+    layers = _layers(model, layers)
+    touched_parameters(model, requests, layers, mom2_update_weight, steps=steps, lr=lr, kl_factor=kl_factor,
+                       weight_decay=weight_decay, clamp_factor=clamp_factor, n_prefixes=n_prefixes,
+                       prefix_len=prefix_len, mom2_n_tokens=mom2_n_tokens, mom2_source=mom2_source,
+                       mom2_adjustment=mom2_adjustment)
+    _positive_int("chunk", chunk)
+    last = layers[-1]
+    prefixes = context_prefixes(model, tok, n_prefixes, prefix_len)
+    if mom2_adjustment:
+        mom2 = second_moments(model, tok, layers, n_tokens=mom2_n_tokens, source=mom2_source, progress=progress)
+    residual = {"z": (module_name(model, "layer", last), "output")}
+    deltas, history = compute_deltas(model, tok, requests, last, prefixes, steps, lr, kl_factor, weight_decay,
+                                     clamp_factor, chunk=chunk)
+    z_target = read_at_subject(model, tok, requests, prefixes, residual)["z"] + deltas
+    info = {"layers": layers, "prefixes": prefixes, "losses": history, "update_norm": {}, "residual_norm": {}}
+    for i, layer in enumerate(layers):
+        reads = dict(residual, k=(module_name(model, "mlp_out", layer), "input"))
+        now = read_at_subject(model, tok, requests, prefixes, reads)
+        K = now["k"]                                                   # (n, d_k), with the layers edited so far
+        R = (z_target - now["z"]) / (len(layers) - i)                  # spread what is missing over layers left
+        if mom2_adjustment:
+            prior = mom2[layer]
+        else:
+            prior = torch.eye(K.shape[1], device=K.device) * (K.pow(2).sum(1).mean() / K.shape[1])
+        A = mom2_update_weight * prior + K.T @ K
+        update = torch.linalg.solve(A, K.T @ R).T                      # Rᵀ K A⁻¹ (A is symmetric)
+        W = as_out_in(model, get_module(model, mlp_out_weight_name(model, layer)))
+        with torch.no_grad():
+            W.add_(update.to(W.dtype))
+        info["update_norm"][layer] = update.norm().item()
+        info["residual_norm"][layer] = R.norm(dim=-1).mean().item()
+    return {"info": info}
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise EditError(f"{name}: expected a positive integer, got {value!r}")

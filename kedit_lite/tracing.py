@@ -1,0 +1,491 @@
+"""Causal tracing (因果跟踪, chapter 4): which hidden states carry a fact from the subject to the answer?
+
+ROME (Meng et al. 2022, §2) runs the model three ways:
+  1. clean: the prompt as is; P(answer) = `high`;
+  2. corrupted: Gaussian noise (std = `noise` x σ, σ = the spread of the model's own subject-token embeddings)
+     added to the subject tokens' embeddings; P(answer) averaged over noise samples = `low`;
+  3. restored: the corrupted run again, but one clean state copied back at one (token, layer); how much of
+     P(answer) comes back says how much that state matters. Kinds: "hidden" (a block's output, the residual
+     stream), "mlp" and "attn" (a sublayer's output, restored over a window of layers around `layer`).
+
+The fast path is exact: restoring (t, l) cannot change positions < t (causal attention) nor anything computed
+before layer l, so it reuses the corrupted run's keys/values for positions < t and its block outputs up to
+the restore, and computes only positions >= t from the restore on. `_reference_trace` is the plain loop the
+tests and `scripts/bench_causal_trace.py` compare it with.
+"""
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import embedding_matrix, get_adapter, get_module, module_name, num_layers
+from .hooks import _first, _replace_first, patch, record, set_at
+from .requests import EditCase, EditError, EditRequest
+from .tokens import join, subject_token_range
+
+KINDS = ("hidden", "mlp", "attn")
+_SIGMA = weakref.WeakKeyDictionary()  # model -> σ of its subject-token embeddings (computed once per model)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def embedding_std(model, tok, subjects=None):
+    """σ: the std of the model's input embeddings over the tokens of many subjects (ROME §2; cached per model)."""
+    default = subjects is None
+    if default and model in _SIGMA:
+        return _SIGMA[model]
+    if default:
+        from .data import load_lecture
+        subjects = sorted({c.request.subject for c in load_lecture()})
+    ids = [i for s in subjects for i in tok(" " + s, add_special_tokens=False).input_ids]
+    emb = embedding_matrix(model)[torch.tensor(ids, device=embedding_matrix(model).device)].float()
+    sigma = emb.std().item()
+    if default:
+        _SIGMA[model] = sigma
+    return sigma
+
+
+def _check(prompt, subject, kind, samples, window, noise, answer):
+    """Validate the arguments of causal_trace; each error names the field and the fix."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise EditError("prompt: expected a non-empty string, e.g. 'The Space Needle is located in the city of'")
+    if not isinstance(subject, str) or not subject.strip():
+        raise EditError("subject: empty; pass the words of the prompt to corrupt, e.g. subject='The Space Needle'")
+    if subject not in prompt:
+        raise EditError(f"subject: {subject!r} does not occur in the prompt {prompt!r}; pass a subject that the "
+                        "prompt contains verbatim")
+    if kind not in KINDS:
+        raise EditError(f"kind: expected one of {KINDS}, got {kind!r}")
+    for name, value in (("samples", samples), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EditError(f"{name}: expected a positive integer, got {value!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise > 0:
+        raise EditError(f"noise: expected a positive multiple of σ (ROME uses 3.0), got {noise!r}")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise EditError("answer: expected a non-empty string or None (None traces the model's own answer)")
+
+
+def window_layers(layer, window, n_layers):
+    """Layers restored together for an mlp/attn trace at `layer`: ROME's window centred on it, clipped."""
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+
+
+def _sites(model, kind):
+    """Module name per layer whose output a restore overwrites: block output, MLP output or attention output."""
+    name = {"hidden": "layer", "mlp": "mlp", "attn": "attn"}[kind]
+    return [module_name(model, name, layer) for layer in range(num_layers(model))]
+
+
+@dataclass
+class Setup:
+    """Everything the clean and corrupted runs give, shared by the reference and the fast trace."""
+    ids: torch.Tensor        # (1, T) prompt token ids
+    subject_range: tuple     # (first, last+1)
+    answer_id: int
+    embeds: torch.Tensor     # (1, T, d) clean input embeddings
+    noisy: torch.Tensor      # (S, T, d) corrupted input embeddings
+    high: float
+    low: float
+    clean: dict = field(default_factory=dict)      # module name -> (1, T, d) clean output
+    corrupt: dict = field(default_factory=dict)    # block name -> (S, T, d) corrupted block output
+    cache: list = field(default_factory=list)      # per layer (keys, values) of the corrupted run
+    templates: dict = field(default_factory=dict)  # block name -> that block's output structure
+
+
+def _prob(logits, answer_id):
+    """Mean over rows of P(answer) at the last position (float32 softmax)."""
+    return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer_id].mean().item()
+
+
+def _kv(cache):
+    """[(keys, values)] per layer of a Hugging Face cache (transformers 5 `.layers`, 4.x `key_cache`)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+@torch.no_grad()
+def prepare(model, tok, prompt, subject, samples=10, noise=3.0, seed=0, answer=None, need_cache=True):
+    """The clean run (recording every state) and the corrupted run (noisy subject embeddings, keys/values kept)."""
+    device = _device(model)
+    ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids], device=device)
+    first, end = subject_token_range(tok, prompt, subject)
+    embeds = get_module(model, module_name(model, "embed"))(ids)
+    names = {k: _sites(model, k) for k in KINDS}
+    with record(model, names["hidden"] + names["mlp"] + names["attn"]) as clean:
+        logits = model(inputs_embeds=embeds).logits
+    if answer is None:
+        answer_id = int(logits[0, -1].argmax())
+    else:
+        answer_id = tok(join(prompt, answer), add_special_tokens=False).input_ids[0]
+    high = _prob(logits, answer_id)
+    gen = torch.Generator().manual_seed(seed)
+    sigma = embedding_std(model, tok)
+    delta = torch.randn(samples, end - first, embeds.shape[-1], generator=gen) * (noise * sigma)
+    noisy = embeds.repeat(samples, 1, 1)
+    noisy[:, first:end] += delta.to(device=device, dtype=noisy.dtype)
+    templates = {}
+    hooks = [get_module(model, n).register_forward_hook(lambda m, i, o, n=n: templates.setdefault(n, o))
+             for n in names["hidden"]]
+    try:
+        with record(model, names["hidden"]) as corrupt:
+            out = model(inputs_embeds=noisy, use_cache=need_cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    cache = _kv(out.past_key_values) if need_cache else []
+    return Setup(ids, (first, end), answer_id, embeds, noisy, high, _prob(out.logits, answer_id), dict(clean),
+                 dict(corrupt), cache, templates)
+
+
+# ------------------------------------------------------------------------------------ reference loop
+
+@torch.no_grad()
+def _restore_full(model, s, kind, t, layer, window):
+    """P(answer) for one restored state, the plain way: a whole forward of the noisy copies with one patch."""
+    names = _sites(model, kind)
+    layers = [layer] if kind == "hidden" else window_layers(layer, window, len(names))
+    with contextlib.ExitStack() as stack:
+        for j in layers:
+            stack.enter_context(set_at(model, names[j], t, s.clean[names[j]][0, t]))
+        return _prob(model(inputs_embeds=s.noisy).logits, s.answer_id)
+
+
+def _reference_trace(model, tok, prompt, subject, kind="hidden", samples=10, window=10, noise=3.0, seed=0,
+                     answer=None, tokens=None):
+    """The plain loop: one full forward of all noisy copies per (token, layer). Slow; the tests' yardstick."""
+    _check(prompt, subject, kind, samples, window, noise, answer)
+    s = prepare(model, tok, prompt, subject, samples, noise, seed, answer, need_cache=False)
+    n_tokens, n_layers = s.ids.shape[1], num_layers(model)
+    scores = torch.full((n_tokens, n_layers), float("nan"))
+    for t in range(n_tokens) if tokens is None else tokens:
+        scores[t] = torch.tensor([_restore_full(model, s, kind, t, layer, window) for layer in range(n_layers)])
+    return _result(tok, prompt, subject, kind, samples, window, noise, s, scores)
+
+
+# ------------------------------------------------------------------------------------------ fast path
+
+def _prefix_cache(model, s, t, repeats):
+    """A fresh cache with the corrupted run's keys/values for positions < t, layer j repeated `repeats[j]` times."""
+    if t == 0:
+        return None
+    from transformers import DynamicCache
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    for layer, (k, v) in enumerate(s.cache):
+        # A layer no row reaches still needs a non-empty entry: the mask reads the prefix length from the cache.
+        n = max(repeats[layer], 1)
+        cache.update(k[..., :t, :].repeat(n, 1, 1, 1), v[..., :t, :].repeat(n, 1, 1, 1), layer)
+    return cache
+
+
+def _rows(x, n, batch):
+    """Keep the first n rows of batch-sized tensors inside a block's arguments (masks, ids); leave the rest."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == batch:
+        return x[:n]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(item, n, batch) for item in x)
+    return x
+
+
+@contextlib.contextmanager
+def _growing_blocks(model, s, starts, n_active):
+    """Block j computes only its first n_active[j] rows; the others pass on `starts` (their input when they join).
+
+    Rows are sorted by the block where their restore begins, so the rows active at block j are a prefix, and
+    everything before a row's start is the corrupted run's, which is not recomputed.
+    """
+    blocks = get_module(model, get_adapter(model).layers)
+    names = _sites(model, "hidden")
+    batch = starts.shape[0]
+
+    def wrap(j, original, template):
+        def forward(*args, **kwargs):
+            n = n_active[j]
+            if n == 0:
+                return _replace_first(template, starts)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            args = (hidden[:n],) + tuple(_rows(a, n, batch) for a in args[1:])
+            out = original(*args, **{k: _rows(v, n, batch) for k, v in kwargs.items()})
+            return out if n == batch else _replace_first(out, torch.cat([_first(out), starts[n:]]))
+        return forward
+    for j, block in enumerate(blocks):
+        block.forward = wrap(j, block.forward, s.templates[names[j]])
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@torch.no_grad()
+def _restore_token(model, s, kind, t, layers, window):
+    """P(answer) for restores at token t and each layer in `layers`, in ONE forward of len(layers) x S rows.
+
+    Only positions >= t are computed (positions < t come from the corrupted run's cached keys/values), and
+    each layer's rows join at the block where their restore begins.
+    """
+    n_layers, samples = num_layers(model), s.noisy.shape[0]
+    blocks, names = _sites(model, "hidden"), _sites(model, kind)
+    starts, joins, windows = [], [], []
+    for layer in layers:
+        if kind == "hidden":  # block `layer`'s output is known: corrupted, with the clean state at t
+            start = s.corrupt[blocks[layer]][:, t:].clone()
+            start[:, 0] = s.clean[blocks[layer]][0, t]
+            joins.append(layer + 1)
+            windows.append([])
+        else:
+            window_ = window_layers(layer, window, n_layers)
+            start = s.corrupt[blocks[window_[0] - 1]][:, t:] if window_[0] > 0 else s.noisy[:, t:]
+            joins.append(window_[0])
+            windows.append(window_)
+        starts.append(start)
+    starts = torch.cat(starts)
+    groups_active = [sum(join <= j for join in joins) for j in range(n_layers)]
+    n_active = [g * samples for g in groups_active]
+    with contextlib.ExitStack() as stack:
+        for j in sorted({j for w in windows for j in w}):
+            rows = torch.tensor([j in w for w in windows], device=starts.device).repeat_interleave(samples)
+            value = s.clean[names[j]][0, t]
+
+            def fn(x, rows=rows, value=value):
+                x = x.clone()
+                x[rows[:x.shape[0]], 0] = value.to(x.dtype)
+                return x
+            stack.enter_context(patch(model, names[j], fn))
+        stack.enter_context(_growing_blocks(model, s, starts, n_active))
+        out = model(inputs_embeds=s.noisy[:, t:].repeat(len(layers), 1, 1), use_cache=True, logits_to_keep=1,
+                    past_key_values=_prefix_cache(model, s, t, groups_active))
+    probs = torch.softmax(out.logits[:, -1].float(), dim=-1)[:, s.answer_id]
+    return probs.view(len(layers), samples).mean(1).cpu()
+
+
+def _fast_grid(model, s, kind, window, tokens, max_rows=512):
+    """Scores for the token rows in `tokens` (others NaN); rows before the subject equal `low` exactly."""
+    n_tokens, n_layers = s.ids.shape[1], num_layers(model)
+    scores = torch.full((n_tokens, n_layers), float("nan"))
+    per_forward = max(1, max_rows // s.noisy.shape[0])
+    for t in tokens:
+        if t < s.subject_range[0]:  # before the subject the clean and corrupted runs agree: nothing to restore
+            scores[t] = s.low
+            continue
+        for first in range(0, n_layers, per_forward):
+            layers = list(range(first, min(n_layers, first + per_forward)))
+            scores[t, layers] = _restore_token(model, s, kind, t, layers, window)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------- result
+
+@dataclass
+class TraceResult:
+    """A causal trace: `scores[t, l]` = P(answer) with state (t, l) restored; `low`/`high` = corrupted/clean."""
+    prompt: str
+    subject: str
+    kind: str
+    scores: torch.Tensor
+    low: float
+    high: float
+    answer: str
+    answer_id: int
+    tokens: list
+    subject_range: tuple
+    samples: int
+    window: int
+    noise: float
+
+    @property
+    def effects(self):
+        """Indirect effects: scores - low (how much of P(answer) a restore brings back)."""
+        return self.scores - self.low
+
+    def plot(self, ax=None):
+        """Heatmap tokens x layers as in ROME Fig. 1; subject tokens marked with *."""
+        import matplotlib.pyplot as plt
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 0.32 * len(self.tokens) + 1.4))
+        cmap = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}[self.kind]
+        image = ax.imshow(self.scores.numpy(), cmap=cmap, vmin=self.low, aspect="auto", interpolation="nearest")
+        first, end = self.subject_range
+        labels = [repr(w)[1:-1] + ("*" if first <= i < end else "") for i, w in enumerate(self.tokens)]
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("layer" if self.kind == "hidden" else f"centre of {self.window} restored {self.kind} layers")
+        what = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}[self.kind]
+        ax.set_title(f"restoring one {what}: P({self.answer.strip()!r}), low {self.low:.3f}, high {self.high:.3f}",
+                     fontsize=9)
+        ax.grid(False)
+        ax.figure.colorbar(image, ax=ax, fraction=0.04)
+        return ax
+
+
+def _result(tok, prompt, subject, kind, samples, window, noise, s, scores):
+    tokens = [tok.decode([i]) for i in s.ids[0].tolist()]
+    return TraceResult(prompt, subject, kind, scores, s.low, s.high, tok.decode([s.answer_id]), s.answer_id, tokens,
+                       s.subject_range, samples, window, noise)
+
+
+def causal_trace(model, tok, prompt, subject, kind="hidden", samples=10, window=10, noise=3.0, seed=0, answer=None,
+                 tokens=None):
+    """Trace which (token, layer) states carry `subject`'s fact to the answer (chapter 4); returns a TraceResult.
+
+    `answer=None` traces the model's own greedy next token; `tokens` restricts the rows computed (others NaN).
+    """
+    _check(prompt, subject, kind, samples, window, noise, answer)
+    s = prepare(model, tok, prompt, subject, samples, noise, seed, answer)
+    rows = range(s.ids.shape[1]) if tokens is None else [int(t) for t in tokens]
+    if any(not 0 <= t < s.ids.shape[1] for t in rows):
+        raise EditError(f"tokens: indices must lie in [0, {s.ids.shape[1] - 1}] for this prompt, got {list(rows)}")
+    return _result(tok, prompt, subject, kind, samples, window, noise, s, _fast_grid(model, s, kind, window, rows))
+
+
+# ---------------------------------------------------------------------------- averages over many facts
+
+def _as_fact(item):
+    """A fact to trace as dict(prompt, subject, answer) from an EditRequest, EditCase, dict or tuple."""
+    if isinstance(item, EditCase):
+        item = item.request
+    if isinstance(item, EditRequest):
+        return {"prompt": item.prompt_text, "subject": item.subject, "answer": item.target_true}
+    if isinstance(item, dict) and "prompt" in item and "subject" in item:
+        return {"prompt": item["prompt"].replace("{}", item["subject"]), "subject": item["subject"],
+                "answer": item.get("answer")}
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        return {"prompt": item[0], "subject": item[1], "answer": item[2] if len(item) == 3 else None}
+    raise EditError(f"facts: cannot read {item!r}; pass EditRequests, EditCases, dicts with prompt and subject, "
+                    "or (prompt, subject[, answer]) tuples")
+
+
+@torch.no_grad()
+def known_facts(model, tok, sources=("lecture", "counterfact"), n=None, counterfact_n=600, batch_size=32):
+    """Facts the model knows: its greedy next token is the first token of the stated true answer (chapter 4)."""
+    from .data import load_counterfact, load_lecture
+    candidates, seen = [], set()
+    items = []
+    if "lecture" in sources:
+        items += load_lecture()
+    if "counterfact" in sources:
+        try:
+            items += load_counterfact("val", n=counterfact_n, seed=0)
+        except FileNotFoundError:
+            pass  # offline without a data directory: the lecture cases alone
+    for item in items:
+        fact = _as_fact(item)
+        key = (fact["prompt"], fact["subject"])
+        if fact["answer"] and fact["subject"] in fact["prompt"] and key not in seen:
+            seen.add(key)
+            candidates.append(fact)
+    known, old_side = [], tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for i in range(0, len(candidates), batch_size):
+            chunk = candidates[i:i + batch_size]
+            batch = tok([f["prompt"] for f in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(_device(model)) for k, v in batch.items()}
+            greedy = model(**batch).logits[:, -1].argmax(-1).tolist()
+            for fact, g in zip(chunk, greedy):
+                first = tok(join(fact["prompt"], fact["answer"]), add_special_tokens=False).input_ids[0]
+                if g == first and tok.decode([first]).strip():
+                    known.append(fact)
+    finally:
+        tok.padding_side = old_side
+    return known[:n] if n is not None else known
+
+
+def average_effects(model, tok, facts, kind="mlp", position="last_subject", samples=10, window=10, noise=3.0,
+                    seed=0, progress=False):
+    """Indirect effect by layer at one token per fact, averaged over facts (ROME Fig. 2/3): (mean curve, per fact).
+
+    `position` is "last_subject" (the early site) or "last" (the prompt's last token, the late site).
+    """
+    from tqdm.auto import tqdm
+    if position not in ("last_subject", "last"):
+        raise EditError(f"position: expected 'last_subject' or 'last', got {position!r}")
+    facts = [_as_fact(f) for f in facts]
+    if not facts:
+        raise EditError("facts: empty; pass at least one fact (see known_facts)")
+    rows = []
+    for fact in tqdm(facts, desc=f"tracing {kind}", disable=not progress):
+        _check(fact["prompt"], fact["subject"], kind, samples, window, noise, fact["answer"])
+        s = prepare(model, tok, fact["prompt"], fact["subject"], samples, noise, seed, fact["answer"])
+        t = s.subject_range[1] - 1 if position == "last_subject" else s.ids.shape[1] - 1
+        rows.append(_fast_grid(model, s, kind, window, [t])[t] - s.low)
+    per_fact = torch.stack(rows)
+    return per_fact.mean(0), per_fact
+
+
+@dataclass
+class LayerSuggestion:
+    """suggest_layer's answer: the layer, the (smoothed) average MLP indirect-effect curve, and the raw curve."""
+    layer: int
+    curve: torch.Tensor
+    raw: torch.Tensor
+    n_facts: int
+
+    def __iter__(self):  # `layer, curve = ke.suggest_layer(...)`
+        return iter((self.layer, self.curve))
+
+
+def suggest_layer(model, tok, facts=None, n_facts=50, samples=5, window=10, noise=3.0, seed=0, smooth=3,
+                  progress=False):
+    """Propose ROME's edit layer: argmax of the average MLP indirect effect at the last subject token (chapter 4).
+
+    For a model family without a published setting. `smooth` = width of a moving average over layers.
+    Causal tracing's peak is a hint, not a guarantee that editing there works best (Hase et al. 2023).
+    """
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
+        raise EditError(f"smooth: expected a positive integer window (1 = no smoothing), got {smooth!r}")
+    if facts is None:
+        facts = known_facts(model, tok, n=n_facts)
+    raw, per_fact = average_effects(model, tok, facts, "mlp", "last_subject", samples, window, noise, seed, progress)
+    kernel = torch.ones(1, 1, smooth) / smooth
+    padded = torch.nn.functional.pad(raw[None, None], (smooth // 2, (smooth - 1) // 2), mode="replicate")
+    curve = torch.nn.functional.conv1d(padded, kernel)[0, 0]
+    return LayerSuggestion(int(curve.argmax()), curve, raw, len(per_fact))
+
+
+# ------------------------------------------------------------------------------------------ explorer
+
+def explore(model, tok, prompt, subject, kind="hidden", samples=5, answer=None):
+    """The explorer's logic, free of widgets: (TraceResult, matplotlib figure) or (None, error message)."""
+    import matplotlib.pyplot as plt
+    try:
+        result = causal_trace(model, tok, prompt, subject, kind=kind, samples=samples, answer=answer or None)
+    except EditError as err:
+        return None, str(err)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(result.tokens) + 1.4))
+    result.plot(ax=ax)
+    fig.tight_layout()
+    return result, fig
+
+
+def explorer(model, tok, prompt="The Space Needle is located in the city of", subject="The Space Needle"):
+    """Interactive explorer (chapter 4): type a prompt and a subject, pick the kind, see the heatmap."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    prompt_box = w.Text(value=prompt, description="prompt", layout=w.Layout(width="95%"))
+    subject_box = w.Text(value=subject, description="subject")
+    answer_box = w.Text(value="", description="answer", placeholder="(model's own)")
+    kind_box = w.Dropdown(options=list(KINDS), value="hidden", description="kind")
+    samples_box = w.IntSlider(value=5, min=1, max=20, description="samples")
+    button = w.Button(description="Trace", button_style="primary")
+    out = w.Output()
+
+    def run(_=None):
+        out.clear_output(wait=True)
+        with out:
+            result, fig = explore(model, tok, prompt_box.value, subject_box.value, kind_box.value, samples_box.value,
+                                  answer_box.value)
+            if result is None:
+                print(fig)
+            else:
+                plt.show(fig)
+    button.on_click(run)
+    return w.VBox([prompt_box, w.HBox([subject_box, answer_box]), w.HBox([kind_box, samples_box, button]), out])

@@ -1,0 +1,149 @@
+"""The Jupyter Book site: toc, config (Colab launch buttons, Chinese search), and notebook hygiene (chapter rules)."""
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import kedit_lite as ke
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+CHAPTERS = ["01_what_is_model_editing", "02_measuring_an_edit", "03_ike", "04_causal_tracing", "05_rome_memit",
+            "06_mend", "07_t_patcher"]
+
+
+def toc_files():
+    """Every file named in _toc.yml, root first, in order."""
+    files = [TOC["root"]]
+    for entry in TOC.get("chapters", []):
+        files.append(entry["file"])
+        files += [sub["file"] for sub in entry.get("sections", [])]
+    return files
+
+
+def resolve(entry):
+    """The file a toc entry means (Jupyter Book lets the suffix be left out)."""
+    for suffix in ("", ".md", ".ipynb"):
+        path = ROOT / f"{entry}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def notebooks():
+    return sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def load(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_toc_order():
+    files = toc_files()
+    assert files[:2] == ["book/intro", "book/how_to_use"]
+    assert files[2:9] == [f"notebooks/{c}" for c in CHAPTERS]
+    assert files[9:] == ["book/glossary", "book/references"]
+
+
+@pytest.mark.parametrize("entry", toc_files())
+def test_toc_entry_exists(entry):
+    assert resolve(entry) is not None, f"_toc.yml lists {entry!r} but no such .md/.ipynb exists"
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {resolve(e) for e in toc_files()}
+    assert notebooks(), "no notebooks found"
+    missing = [p.name for p in notebooks() if p not in listed]
+    assert not missing, f"notebooks not in _toc.yml (the site would skip them): {missing}"
+
+
+def test_config_builds_only_the_book():
+    assert CONFIG["only_build_toc_files"] is True
+    for pattern in (".venv", "_build", ".cache", "tests", "scripts", "kedit_lite", "README.md", "CONTRIBUTING.md"):
+        assert pattern in CONFIG["exclude_patterns"], f"exclude_patterns should contain {pattern}"
+    execute = CONFIG["execute"]
+    assert execute["execute_notebooks"] in ("force", "cache")
+    assert execute["timeout"] >= 600 and execute["allow_errors"] is False
+
+
+def test_config_colab_launch_buttons():
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    repo = CONFIG["repository"]
+    assert repo["url"] == ke.course.REPOSITORY and repo["branch"] == ke.course.BRANCH == "main"
+    # sphinx-book-theme builds colab_url/github/<org>/<repo>/blob/<branch>/<path_to_book>/<page>.ipynb
+    book_relpath = str(repo.get("path_to_book", "")).strip("/")
+    book_relpath = book_relpath + "/" if book_relpath else ""
+    org_repo = repo["url"].split("github.com/")[1]
+    link = f"{CONFIG['launch_buttons']['colab_url']}/github/{org_repo}/blob/{repo['branch']}/" \
+           f"{book_relpath}notebooks/01_what_is_model_editing.ipynb"
+    assert link == ke.course.colab_url("notebooks/01_what_is_model_editing.ipynb")
+
+
+def test_config_chinese_search():
+    assert CONFIG["sphinx"]["config"]["html_search_language"] == "zh"
+    import jieba  # noqa: F401  (Sphinx's Chinese search splitter needs it)
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_notebook_stored_without_outputs(path):
+    for i, cell in enumerate(load(path)["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, \
+                f"{path.name} cell {i} has outputs; run python scripts/strip_notebooks.py {path.name}"
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_notebook_colab_badge_points_at_itself(path):
+    first = load(path)["cells"][0]
+    assert first["cell_type"] == "markdown"
+    text = "".join(first["source"])
+    links = re.findall(r"\]\((https://colab\.research\.google\.com/github/[^)]+)\)", text)
+    assert "colab-badge.svg" in text and links, f"{path.name}: the first cell must carry the Colab badge"
+    assert links[0] == ke.course.colab_url(f"notebooks/{path.name}"), f"{path.name}: badge links {links[0]}"
+    assert re.search(r"^# ", text, re.M), f"{path.name}: the first cell must have the chapter title"
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_notebook_first_code_cell_is_the_setup(path):
+    code = [c for c in load(path)["cells"] if c["cell_type"] == "code"]
+    src = "".join(code[0]["source"])
+    for needle in ('"google.colab" in sys.modules', "cfg = ke.course.setup()",
+                   "ke.load_model(cfg.model, device=cfg.device)"):
+        assert needle in src, f"{path.name}: the first code cell lacks {needle!r}"
+
+
+def _calls_input(source):
+    lines = [ln for ln in source.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError:
+        return re.search(r"(?<![\w.])input\s*\(", source) is not None
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "input"
+               for n in ast.walk(tree))
+
+
+def test_input_detector():
+    assert _calls_input("x = input('name? ')") and not _calls_input("x = model_input(3)\ny = 'input()'")
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_notebook_never_calls_input(path):
+    for i, cell in enumerate(load(path)["cells"]):
+        if cell["cell_type"] == "code":
+            assert not _calls_input("".join(cell["source"])), f"{path.name} cell {i} calls input()"
+
+
+def test_glossary_has_the_terms_and_valid_links():
+    text = (ROOT / "book" / "glossary.md").read_text(encoding="utf-8")
+    for term in ("模型编辑", "后训练", "准确性", "可靠性", "泛化性", "可迁移性", "局部性", "高效性", "上下文知识编辑",
+                 "因果跟踪", "秩一模型编辑", "超网络", "元学习", "补丁", "知识神经元", "外部拓展法", "内部修改法",
+                 "知识缓存", "定位-编辑"):
+        assert term in text, f"glossary lacks {term}"
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(rows) >= 30
+    for target in set(re.findall(r"\]\(\.\./(notebooks/[^)]+)\)", text)):
+        assert (ROOT / target).is_file(), f"glossary links to missing {target}"

@@ -1,0 +1,60 @@
+"""MEMIT (chapter 5): several facts in one batched update over a range of layers; undo; bad input."""
+import pytest
+import torch
+
+import kedit_lite as ke
+from kedit_lite import adapters, memit
+from kedit_lite.requests import EditError
+from tests.conftest import assert_same_weights, make_tiny, snapshot
+from tests.test_rome import FAST, REQUEST, _tok
+
+BATCH = [
+    dict(prompt="{} is located in the city of", subject="The Space Needle", target_new="Taipei"),
+    dict(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", target_new="Rome"),
+    dict(prompt="{} is located in the city of", subject="The Colosseum", target_new="London"),
+]
+
+
+def test_memit_batch_edits_several_facts(smol):
+    model, tok = smol
+    saved = snapshot(model)
+    prompts = [ke.EditRequest(**r).prompt_text for r in BATCH]
+    targets = [r["target_new"] for r in BATCH]
+    before = ke.metrics.teacher_forced(model, tok, prompts, targets)
+    result = ke.edit(model, tok, BATCH, method="memit", layers=[3, 4, 5], **FAST)
+    assert result.touched == [adapters.mlp_out_weight_name(model, layer) for layer in (3, 4, 5)]
+    changed = [n for n in result.touched if not torch.equal(dict(model.named_parameters())[n], saved[n])]
+    assert changed == result.touched                      # every layer of the range took part
+    after = ke.metrics.teacher_forced(model, tok, prompts, targets)
+    assert all(a["logprob"] > b["logprob"] + 2 for a, b in zip(after, before))
+    assert sum(a["token_acc"] == 1.0 for a in after) >= 2
+    # an unrelated fact survives the batch
+    assert "Paris" in ke.generate(model, tok, ["The Louvre is a museum in the city of"], max_new_tokens=4)[0]
+    result.undo()
+    assert_same_weights(model, saved)
+
+
+def test_memit_tiny_gpt2_and_default_layers():
+    model, tok = make_tiny("gpt2"), _tok()
+    saved = snapshot(model)
+    result = ke.edit(model, tok, BATCH[:2], method="memit", layers=[0, 1], **FAST)
+    assert result.touched == ["transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"]
+    result.undo()
+    assert_same_weights(model, saved)
+    assert memit.default_layers(model) == [0, 1, 2]       # clipped to a 3-layer model
+
+
+@pytest.mark.parametrize("hparams,message", [
+    (dict(layers=[1, 1]), r"layers: \[1, 1\] repeats a layer"),
+    (dict(layers=[]), "layers: expected an int or a non-empty list"),
+    (dict(layers=[0, 5]), "layers: layer 5 is out of range"),
+    (dict(mom2_update_weight=0), "mom2_update_weight: expected a positive number"),
+    (dict(chunk=0), "chunk: expected a positive integer"),
+    (dict(steps=-2), "steps: expected a positive integer"),
+])
+def test_memit_bad_hparams(hparams, message):
+    model = make_tiny("llama")
+    saved = snapshot(model)
+    with pytest.raises(EditError, match=message):
+        ke.edit(model, _tok(), [REQUEST], method="memit", **hparams)
+    assert_same_weights(model, saved)

@@ -1,0 +1,145 @@
+"""MEND (chapter 6): rank-one gradients, the editor network's shapes, checkpoints, refusal, undo, bad input."""
+import pytest
+import torch
+
+import kedit_lite as ke
+from kedit_lite import mend
+from kedit_lite.adapters import as_out_in, get_module
+from kedit_lite.tokens import answer_nll, encode_pairs
+from tests.conftest import assert_same_weights, make_tiny, snapshot
+
+REQ = ke.EditRequest("{} is located in the city of", "The Space Needle", "Taipei", "Seattle")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gradient_is_sum_of_rank_one_terms(family, tok):
+    model = make_tiny(family)
+    names = mend.edited_parameters(model, 2)
+    batch = encode_pairs(tok, ["The Space Needle is in", "Paris is the capital of"], ["Taipei", "France"])
+    x, delta, _, _ = mend.gradient_factors(model, names, batch)
+    weights = [get_module(model, n) for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        grads = torch.autograd.grad(mend._row_nll(logits, batch).sum(), weights)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    for name, g in zip(names, grads):
+        outer = torch.einsum("bto,bti->oi", delta[name], x[name])  # Σ over rows and tokens of δ xᵀ
+        assert torch.allclose(as_out_in(model, g), outer, atol=1e-6, rtol=1e-4), name
+        one = torch.outer(delta[name][0, 2], x[name][0, 2])
+        assert torch.linalg.matrix_rank(one).item() <= 1
+        n_tokens = int(batch["attention_mask"].sum())
+        assert torch.linalg.matrix_rank(outer).item() <= n_tokens
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_editor_shapes_identity_init_and_functional_edit(family, tok):
+    model = make_tiny(family)
+    editor = mend.MENDEditor.for_model(model, n_layers=2, rank=8)
+    a = ke.get_adapter(model)
+    assert len(editor.names) == 2 * (len(a.mlp_in) + 1)
+    assert len(editor.transforms) == 2  # one network per shape: (d_mlp, d_model) and (d_model, d_mlp)
+    for name, shape in zip(editor.names, editor.shapes):
+        assert shape == tuple(as_out_in(model, get_module(model, name)).shape)
+    batch = encode_pairs(tok, ["The Space Needle is in"], ["Taipei"])
+    x, delta, _, _ = mend.gradient_factors(model, editor.names, batch)
+    mask = batch["attention_mask"].bool()
+    editor.update_stats(x, delta, mask)
+    deltas = editor(x, delta, mask)
+    for name, shape in zip(editor.names, editor.shapes):
+        assert deltas[name].shape == (1,) + shape
+        t = editor.transforms[mend._shape_key(shape)]
+        xt, dt = t(x[name], delta[name], 0)  # identity at initialisation: the normalised inputs come back
+        assert torch.allclose(xt, t.norm_x(x[name]), atol=1e-6) and torch.allclose(dt, t.norm_d(delta[name]), atol=1e-6)
+    # The functional edit (hooks adding x Δᵀ) equals writing W + Δ into the weights (checks Conv1D orientation).
+    probe = encode_pairs(tok, ["Paris is the capital of"], ["France"])
+    with torch.no_grad(), mend.apply_deltas(model, deltas):
+        functional = model(input_ids=probe["input_ids"]).logits
+    saved = snapshot(model)
+    result = ke.edit(model, tok, ke.EditRequest("{} is in", "The Space Needle", "Taipei"), method="mend",
+                     checkpoint=editor)
+    assert sorted(result.touched) == sorted(editor.names)
+    with torch.no_grad():
+        in_place = model(input_ids=probe["input_ids"]).logits
+    assert torch.allclose(functional, in_place, atol=1e-4)
+    result.undo()
+    assert_same_weights(model, saved)
+
+
+def test_meta_training_lowers_the_loss_on_a_tiny_model(tok):
+    model = make_tiny("llama")
+    cases = [ke.EditCase(ke.EditRequest(f"{s} is located in", s, t), [ke.Probe(f"Where is {s}? In", t)],
+                         locality=[ke.Probe("The sky is", "blue")])
+             for s, t in [("Zorblat", "Paris"), ("Quimby", "Tokyo"), ("Mervale", "Lima")]]
+    editor = mend.MENDEditor.for_model(model, n_layers=2, rank=8, lr_init=1e-3)
+    before = mend.meta_step(model, tok, editor, cases, update_stats=True)[0].item()
+    editor, history = mend.train(model, tok, cases, steps=25, batch_size=3, lr=1e-2, lr_lr=5e-2, editor=editor)
+    after = mend.meta_step(model, tok, editor, cases, update_stats=False)[0].item()
+    assert len(history) == 25 and after < before - 0.5, (before, after)
+
+
+def test_checkpoint_round_trip_and_wrong_model_refusal(tmp_path, tok):
+    llama, gpt2 = make_tiny("llama"), make_tiny("gpt2")
+    editor = mend.MENDEditor.for_model(llama, n_layers=2, rank=8)
+    with torch.no_grad():
+        for p in editor.parameters():
+            p.add_(torch.randn_like(p))
+    batch = encode_pairs(tok, ["The Space Needle is in"], ["Taipei"])
+    x, delta, _, _ = mend.gradient_factors(llama, editor.names, batch)
+    editor.update_stats(x, delta, batch["attention_mask"].bool())
+    path = tmp_path / "editor.safetensors"
+    mend.save_editor(editor, path)
+    loaded = mend.load_editor(path)
+    assert loaded.names == editor.names and loaded.shapes == editor.shapes and loaded.meta == editor.meta
+    a, b = editor.state_dict(), loaded.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert mend.get_editor(str(path)) is mend.get_editor(str(path))  # cached in memory
+    with pytest.raises(ke.EditError, match="checkpoint: this MEND editor was trained for 'llama'"):
+        ke.edit(gpt2, tok, REQ, method="mend", checkpoint=str(path))
+    bigger = mend.MENDEditor(editor.names, [(s[0] * 2, s[1]) for s in editor.shapes], 8, meta=editor.meta)
+    with pytest.raises(ke.EditError, match="checkpoint: the editor expects weight"):
+        bigger.check_model(llama)
+
+
+def test_bad_inputs(tmp_path, tok):
+    model = make_tiny("llama")
+    saved = snapshot(model)
+    with pytest.raises(ke.EditError, match="checkpoint: expected a path"):
+        ke.edit(model, tok, REQ, method="mend", checkpoint=42)
+    with pytest.raises(ke.EditError, match="does not exist"):
+        ke.edit(model, tok, REQ, method="mend", checkpoint=str(tmp_path / "missing.safetensors"))
+    (tmp_path / "plain.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ke.EditError, match="not a kedit_lite MEND checkpoint"):
+        ke.edit(model, tok, REQ, method="mend", checkpoint=str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ke.EditError, match="hparams"):
+        ke.edit(model, tok, REQ, method="mend", lr=1.0)
+    with pytest.raises(ke.EditError, match="n_layers"):
+        mend.edited_parameters(model, 7)
+    with pytest.raises(ke.EditError, match="cases"):
+        mend.train(model, tok, [ke.EditCase(REQ)], steps=1)
+    assert_same_weights(model, saved)
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_edits_smollm2_and_undo_is_exact(smol):
+    model, tok = smol
+    if not mend.DEFAULT_CHECKPOINT.exists():
+        pytest.fail("the shipped checkpoint kedit_lite/checkpoints/mend_smollm2.safetensors is missing")
+    saved = snapshot(model)
+    batch = encode_pairs(tok, [REQ.prompt_text], [REQ.target_new])
+    with torch.no_grad():
+        nll_before = answer_nll(model, batch).item()
+    result = ke.edit(model, tok, REQ, method="mend")
+    assert len(result.touched) == 9 and all(".mlp." in n for n in result.touched)
+    with torch.no_grad():
+        nll_after = answer_nll(model, batch).item()
+    assert nll_after < nll_before - 1.0, (nll_before, nll_after)
+    result.undo()
+    assert_same_weights(model, saved)
+    with pytest.raises(ke.EditError, match="trained for"):
+        ke.edit(make_tiny("llama"), tok, REQ, method="mend")

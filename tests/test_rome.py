@@ -1,0 +1,182 @@
+"""ROME (chapter 5): the closed form, Ŵk* = v*, GPT-2's Conv1D orientation, cached statistics, undo, bad input."""
+import pytest
+import torch
+
+import kedit_lite as ke
+from kedit_lite import adapters, keys_values, rome, stats
+from kedit_lite.requests import EditError
+from tests.conftest import assert_same_weights, make_tiny, snapshot
+
+REQUEST = dict(prompt="{} is located in the city of", subject="The Space Needle", target_new="Taipei")
+
+
+def _texts():
+    """A small local corpus for the statistics (the lecture cases' prompts): fast, offline, deterministic."""
+    texts = []
+    for case in ke.load_lecture():
+        texts.append(case.request.prompt_text + " " + case.request.target_new + ".")
+        texts += [p.prompt + " " + p.answer + "." for p in case.paraphrase + case.locality]
+    return texts
+
+
+FAST = dict(mom2_source=_texts(), mom2_n_tokens=2000, n_prefixes=2, steps=10)
+
+
+def _kkt_solution(W, C, k, v):
+    """min ‖(Ŵ − W) K‖² s.t. Ŵk = v, row by row, by solving the KKT system [[2C, k], [kᵀ, 0]] [ŵ; μ] = [2Cw; v]."""
+    d = C.shape[0]
+    A = torch.zeros(d + 1, d + 1, dtype=C.dtype)
+    A[:d, :d], A[:d, d], A[d, :d] = 2 * C, k, k
+    rhs = torch.cat([2 * C @ W.T, v[None, :]], dim=0)          # one column per output row of W
+    return torch.linalg.solve(A, rhs)[:d].T
+
+
+def test_closed_form_equals_generic_constrained_solver():
+    gen = torch.Generator().manual_seed(0)
+    d_out, d_k, n = 7, 12, 40
+    W = torch.randn(d_out, d_k, generator=gen, dtype=torch.float64)
+    K = torch.randn(d_k, n, generator=gen, dtype=torch.float64)
+    C = K @ K.T / n
+    k, v = torch.randn(d_k, generator=gen, dtype=torch.float64), torch.randn(d_out, generator=gen, dtype=torch.float64)
+    W_hat = W + rome.rank_one_update(W, C, k, v)
+    assert torch.allclose(W_hat, _kkt_solution(W, C, k, v), atol=1e-10)
+    assert torch.allclose(W_hat @ k, v, atol=1e-10)
+    assert torch.linalg.matrix_rank(W_hat - W) == 1
+    # any other matrix meeting the constraint changes the other keys more
+    other = W_hat + torch.outer(torch.randn(d_out, generator=gen, dtype=torch.float64),
+                                torch.linalg.svd(k[None, :]).Vh[1])   # a direction orthogonal to k
+    assert torch.allclose(other @ k, v, atol=1e-10)
+    assert ((other - W) @ K).norm() > ((W_hat - W) @ K).norm()
+
+
+def test_rome_writes_v_star_on_real_layer_and_undo_is_exact(smol):
+    model, tok = smol
+    saved = snapshot(model)
+    prompt = "The Space Needle is located in the city of"
+    before = ke.metrics.teacher_forced(model, tok, [prompt], ["Taipei"])[0]
+    result = ke.edit(model, tok, REQUEST, method="rome", **FAST)
+    layer = result.info["layer"]
+    assert result.touched == [adapters.mlp_out_weight_name(model, layer)]
+    W = adapters.as_out_in(model, adapters.layer_module(model, "mlp_out", layer).weight).float()
+    k_star, v_star = result.info["k_star"][0], result.info["v_star"][0]
+    assert (W @ k_star - v_star).norm() / v_star.norm() < 1e-4
+    # k* as read again from the edited model (the layers below are untouched) maps to v*
+    again = keys_values.compute_keys(model, tok, result.requests, [layer], result.info["prefixes"])[layer][0]
+    assert torch.allclose(again, k_star, atol=1e-5)
+    after = ke.metrics.teacher_forced(model, tok, [prompt], ["Taipei"])[0]
+    assert after["token_acc"] == 1.0 and after["logprob"] > before["logprob"] + 5
+    result.undo()
+    assert_same_weights(model, saved)
+
+
+def test_gpt2_conv1d_orientation():
+    model = make_tiny("gpt2")
+    tok = _tok()
+    saved = snapshot(model)
+    name = "transformer.h.1.mlp.c_proj.weight"
+    # a random model's MLP outputs are tiny, so ROME's clamp (4 × ‖v_old‖) and decay are lifted here
+    result = ke.edit(model, tok, REQUEST, method="rome", layer=1,
+                     **dict(FAST, steps=30, clamp_factor=1e4, weight_decay=0.0, kl_factor=0.0))
+    assert result.touched == [name]
+    weight = dict(model.named_parameters())[name]
+    assert weight.shape == (128, 32)          # Conv1D stores (in=d_k, out=d_model)
+    module = adapters.layer_module(model, "mlp_out", 1)
+    k_star, v_star = result.info["k_star"][0], result.info["v_star"][0]
+    # the module's own forward (x @ W + b) maps k* to v* (+ bias): the update went in with the right orientation
+    assert torch.allclose(module(k_star[None, None])[0, 0] - module.bias, v_star, atol=1e-4)
+    delta = weight - saved[name]
+    assert torch.linalg.matrix_rank(delta) == 1
+    # read back through the whole model: at the subject's last token the down projection now outputs v* (+ bias)
+    out = keys_values.read_at_subject(model, tok, result.requests, result.info["prefixes"],
+                                      {"v": (adapters.module_name(model, "mlp_out", 1), "output")})["v"][0]
+    assert torch.allclose(out - module.bias, v_star, atol=1e-4)
+    # (a random GPT-2's logits are nearly uniform whatever the residual, so the target's probability barely moves;
+    #  the v* optimisation still lowered its loss)
+    losses = result.info["losses"][0]
+    assert losses[-1] < losses[0]
+    result.undo()
+    assert_same_weights(model, saved)
+
+
+_TOK = []
+
+
+def _tok():
+    if not _TOK:
+        _TOK.append(ke.load_model()[1])
+    return _TOK[0]
+
+
+def test_inconsistent_keys_miss_v_star():
+    model, tok = make_tiny("llama"), _tok()
+    out = {}
+    for consistent in (True, False):
+        result = ke.edit(model, tok, REQUEST, method="rome", layer=1, consistent_keys=consistent, **FAST)
+        W = adapters.as_out_in(model, adapters.layer_module(model, "mlp_out", 1).weight)
+        k, v = result.info["k_star"][0], result.info["v_star"][0]
+        out[consistent] = ((W @ k - v).norm() / v.norm()).item()
+        result.undo()
+    assert out[True] < 1e-4 and out[False] > 1e-3
+
+
+def test_statistics_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path))
+    model, tok = make_tiny("llama"), _tok()
+    texts = _texts()[:20]
+    stats.clear_memory_cache()
+    C = stats.second_moment(model, tok, 1, n_tokens=300, source=texts, progress=False)
+    path = stats.cache_path(model, 1, 300, texts)
+    assert path.exists() and str(path).startswith(str(tmp_path))
+    stats.clear_memory_cache()
+    again = stats.second_moment(model, tok, 1, n_tokens=300, source=texts, progress=False)
+    assert torch.equal(C, again)
+    # the same moment computed by hand from the recorded keys
+    enc = tok(texts[:len(texts)], return_tensors="pt", padding=True, add_special_tokens=False)
+    keys, total = [], 0
+    for i in range(0, len(texts), 32):
+        with ke.hooks.record(model, adapters.module_name(model, "mlp_out", 1), what="input") as store:
+            model(input_ids=enc["input_ids"][i:i + 32], attention_mask=enc["attention_mask"][i:i + 32])
+        k = next(iter(store.values()))[enc["attention_mask"][i:i + 32].bool()]
+        keys.append(k)
+        total += k.shape[0]
+        if total >= 300:
+            break
+    K = torch.cat(keys)
+    assert torch.allclose(C, K.T @ K / K.shape[0], atol=1e-5)
+    assert torch.allclose(C, C.T) and torch.linalg.eigvalsh(C.double()).min() > -1e-6
+    # another random model gets another file (the cache key includes a fingerprint of the embeddings)
+    assert stats.cache_path(make_tiny("llama", seed=1), 1, 300, texts) != path
+
+
+BAD = [
+    (dict(layer=3), "layer: layer 3 is out of range; this model has 3 layers"),
+    (dict(layer="1"), "layer: expected an integer"),
+    (dict(steps=0), "steps: expected a positive integer"),
+    (dict(lr=-0.5), "lr: expected a positive"),
+    (dict(clamp_factor=0), "clamp_factor: expected a positive"),
+    (dict(kl_factor=-1), "kl_factor: expected a non-negative"),
+    (dict(mom2_weight=float("nan")), "mom2_weight: expected"),
+    (dict(mom2_source=5), "mom2_source: expected"),
+    (dict(consistent_keys="yes"), "consistent_keys: expected True or False"),
+    (dict(n_prefixes=1.5), "n_prefixes: expected a non-negative integer"),
+    (dict(learning_rate=0.1), r"hparams: unknown option\(s\) \['learning_rate'\]"),
+]
+
+
+@pytest.mark.parametrize("hparams,message", BAD)
+def test_bad_hparams_clear_error_weights_unchanged(hparams, message):
+    model = make_tiny("llama")
+    saved = snapshot(model)
+    with pytest.raises(EditError, match=message):
+        ke.edit(model, _tok(), REQUEST, method="rome", **hparams)
+    assert_same_weights(model, saved)
+
+
+def test_bad_request_and_default_layer():
+    model = make_tiny("llama")
+    saved = snapshot(model)
+    with pytest.raises(EditError, match="subject: empty"):
+        ke.edit(model, _tok(), dict(REQUEST, subject=""), method="rome")
+    assert_same_weights(model, saved)
+    assert rome.default_layer(model) == 0           # unknown model: ~1/4 depth of 3 layers
+    assert rome.DEFAULT_LAYER["gpt2-xl"] == 17

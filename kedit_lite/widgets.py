@@ -175,11 +175,6 @@ def edit_lab(model, tok, case=None, methods=None):
     """Build an EditLab and return it; display `lab.widget` in a notebook (tabs add the causal-trace explorer)."""
     import ipywidgets as w
     lab = EditLab(model, tok, case, methods)
-    tabs = [lab.widget]
-    titles = ["Edit"]
-    if importlib.util.find_spec("kedit_lite.tracing") is not None:
-        from . import tracing
-        tabs.append(tracing.explorer(model, tok))
-            titles.append("Causal trace")
-    lab.tabs = w.Tab(children=tabs, titles=titles)
+    from .tracing import explorer
+    lab.tabs = w.Tab(children=[lab.widget, explorer(model, tok)], titles=["Edit", "Causal trace"])
     return lab

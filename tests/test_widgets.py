@@ -74,3 +74,8 @@ def test_compare_methods_view(lab, smol):
     assert list(frame.index) == ["(before)", "ft"] and frame.loc["ft", "reliability"] == 1.0
     assert "ft" in lab.table.value
     assert_same_weights(model, saved)
+
+
+def test_edit_lab_has_edit_and_trace_tabs(smol):
+    lab = ke.edit_lab(*smol, case=ke.lecture_case("space-needle-taipei"), methods=["ft"])
+    assert lab.tabs.titles == ("Edit", "Causal trace") and lab.subject.value == "The Space Needle"

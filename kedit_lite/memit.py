@@ -17,6 +17,7 @@ from .requests import EditError
 from .rome import check_hparams, default_layer
 from .stats import DEFAULT_N_TOKENS, second_moments
 
+RIDGE = 0.1   # relative to the mean eigenvalue of E[kkᵀ]; like ROME's "+ I"
 N_LAYERS = 5  # MEMIT edits 5 (GPT-J) to 6 (GPT-2 XL) consecutive layers around the causal-tracing peak
 
 
@@ -42,7 +43,7 @@ def _layers(model, layers):
     return sorted(layers)
 
 
-def touched_parameters(model, requests, layers=None, mom2_update_weight=2000.0, **hparams):
+def touched_parameters(model, requests, layers=None, mom2_update_weight=200.0, **hparams):
     """MEMIT changes the MLP down projection of every layer in the range."""
     check_hparams(**hparams)
     if not (isinstance(mom2_update_weight, (int, float)) and not isinstance(mom2_update_weight, bool)
@@ -52,7 +53,7 @@ def touched_parameters(model, requests, layers=None, mom2_update_weight=2000.0, 
 
 
 def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
-          clamp_factor=0.75, n_prefixes=2, prefix_len=5, mom2_update_weight=2000.0, mom2_n_tokens=DEFAULT_N_TOKENS,
+          clamp_factor=4.0, n_prefixes=2, prefix_len=5, mom2_update_weight=200.0, mom2_n_tokens=DEFAULT_N_TOKENS,
           mom2_source="sample", mom2_adjustment=True, chunk=16, progress=False):
     """Write all requests into the layers' down projections in one batched update per layer."""
     layers = _layers(model, layers)
@@ -75,10 +76,11 @@ def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625,
         now = read_at_subject(model, tok, requests, prefixes, reads)
         K = now["k"]                                                   # (n, d_k), with the layers edited so far
         R = (z_target - now["z"]) / (len(layers) - i)                  # spread what is missing over layers left
-        if mom2_adjustment:
-            prior = mom2[layer]
+        eye = torch.eye(K.shape[1], device=K.device)
+        if mom2_adjustment:  # a small ridge keeps directions the sampled text never visited from exploding
+            prior = mom2[layer] + RIDGE * mom2[layer].trace() / K.shape[1] * eye
         else:
-            prior = torch.eye(K.shape[1], device=K.device) * (K.pow(2).sum(1).mean() / K.shape[1])
+            prior = eye * (K.pow(2).sum(1).mean() / K.shape[1])
         A = mom2_update_weight * prior + K.T @ K
         update = torch.linalg.solve(A, K.T @ R).T                      # Rᵀ K A⁻¹ (A is symmetric)
         W = as_out_in(model, get_module(model, mlp_out_weight_name(model, layer)))

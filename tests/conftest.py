@@ -16,6 +16,19 @@ def smol():
     return ke.load_model()
 
 
+@pytest.fixture(autouse=True)
+def _smol_restored(request):
+    """Whatever a test does to the shared SmolLM2 (even failing before its undo), the next test gets it intact."""
+    if "smol" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("smol")[0]
+    saved = snapshot(model)
+    yield
+    if any(not torch.equal(v, saved[k]) for k, v in model.state_dict().items()):
+        model.load_state_dict(saved)
+
+
 @pytest.fixture(scope="session")
 def tok(smol):
     return smol[1]

@@ -42,7 +42,7 @@ def test_fast_matches_reference_on_smollm2(smol, kind):
     assert fast.scores.shape == (6, 30) and fast.subject_range == (0, 4)  # The | E | iffel | Tower
     diff = (fast.scores - ref.scores).abs()
     assert torch.equal(diff.isnan(), ref.scores.isnan()) and diff.nan_to_num().max() <= 1e-4
-    assert (fast.scores.nan_to_num() - fast.low).max() > 0.1 * (fast.high - fast.low)  # a grid worth comparing
+    assert (fast.scores.nan_to_num() - fast.low).max() > 0.01 * (fast.high - fast.low)  # a grid worth comparing
     assert fast.answer.strip() == "Paris" and fast.low < fast.high
     assert_same_weights(model, saved)  # the skipped-block trick must leave the model untouched
     assert not any("forward" in vars(b) for b in model.model.layers)

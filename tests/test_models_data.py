@@ -1,7 +1,6 @@
 """The embedded default model, its cache, and the datasets."""
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -22,9 +21,7 @@ def test_default_model_cached_as_safetensors(smol):
     cached = models.cache_dir() / "models" / models.DEFAULT_MODEL
     assert (cached / "model.safetensors").exists()
     assert not list(cached.glob("*.bin")) and not list(cached.glob("*.pt")), "no pickled weights"
-    start = time.perf_counter()
-    model, _ = ke.load_model()
-    assert time.perf_counter() - start < 30  # generous: the 2 s target is measured by scripts/bench_load.py
+    model, _ = ke.load_model()  # from the cache (its speed is measured by scripts/bench_load.py)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), smol[0].parameters()))
 
 

@@ -54,7 +54,7 @@ def test_rome_writes_v_star_on_real_layer_and_undo_is_exact(smol):
     saved = snapshot(model)
     prompt = "The Space Needle is located in the city of"
     before = ke.metrics.teacher_forced(model, tok, [prompt], ["Taipei"])[0]
-    result = ke.edit(model, tok, REQUEST, method="rome", **FAST)
+    result = ke.edit(model, tok, REQUEST, method="rome")  # default statistics: 8k sampled tokens (cached)
     layer = result.info["layer"]
     assert result.touched == [adapters.mlp_out_weight_name(model, layer)]
     W = adapters.as_out_in(model, adapters.layer_module(model, "mlp_out", layer).weight).float()

@@ -115,6 +115,11 @@ def mlp_dims(model, layer=0):
     return w.shape[0], w.shape[1]
 
 
+def device_of(model):
+    """The device of the model's parameters (where inputs must go)."""
+    return next(model.parameters()).device
+
+
 def embedding_matrix(model):
     """Input embedding weight (vocab, d_model)."""
     return layer_module(model, "embed").weight

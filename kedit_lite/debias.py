@@ -7,7 +7,7 @@ neutral text and a bound on each weight change to limit side effects. The edit i
 """
 import torch
 
-from .adapters import check_layer, mlp_out_weight_name
+from .adapters import check_layer, device_of, mlp_out_weight_name
 from .editing import edit_weights
 from .requests import EditError
 
@@ -19,9 +19,6 @@ HELD_OUT_FEMALE = ["dancer", "nanny", "stylist", "cashier", "baker", "therapist"
 HELD_OUT_MALE = ["firefighter", "farmer", "soldier", "architect", "electrician", "programmer"]
 
 
-def _device(model):
-    return next(model.parameters()).device
-
 
 @torch.no_grad()
 def pronoun_gaps(model, tok, professions, template=TEMPLATE):
@@ -29,7 +26,7 @@ def pronoun_gaps(model, tok, professions, template=TEMPLATE):
     he, she = tok(" he", add_special_tokens=False).input_ids[0], tok(" she", add_special_tokens=False).input_ids[0]
     gaps = {}
     for job in professions:
-        ids = tok(template.format(job), return_tensors="pt", add_special_tokens=False).input_ids.to(_device(model))
+        ids = tok(template.format(job), return_tensors="pt", add_special_tokens=False).input_ids.to(device_of(model))
         logp = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
         gaps[job] = (logp[he] - logp[she]).item()
     return gaps
@@ -47,7 +44,7 @@ def _pronoun_logits_gap(model, tok, professions, template):
     prompts = [template.format(job) for job in professions]
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     last = batch["attention_mask"].sum(1) - 1  # right padding: the last real token of each row
-    logits = model(**{k: v.to(_device(model)) for k, v in batch.items()}).logits.float()
+    logits = model(**{k: v.to(device_of(model)) for k, v in batch.items()}).logits.float()
     logp = logits[torch.arange(len(prompts)), last].log_softmax(-1)
     return logp[:, he] - logp[:, she]
 
@@ -61,8 +58,7 @@ def equalize(model, tok, layers, professions=None, neutral_texts=(), template=TE
         raise EditError("professions: pass at least two professions to equalize")
     layers = [check_layer(model, layer, "layers") for layer in layers]
     names = [mlp_out_weight_name(model, layer) for layer in layers]
-    params = dict(model.named_parameters())
-    neutral = [tok(t, return_tensors="pt", add_special_tokens=False).input_ids.to(_device(model))
+    neutral = [tok(t, return_tensors="pt", add_special_tokens=False).input_ids.to(device_of(model))
                for t in neutral_texts]
     with torch.no_grad():
         reference = [model(input_ids=ids).logits.float().log_softmax(-1) for ids in neutral]

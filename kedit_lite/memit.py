@@ -14,7 +14,7 @@ import torch
 from .adapters import as_out_in, check_layer, get_module, mlp_out_weight_name, module_name, num_layers
 from .keys_values import compute_deltas, context_prefixes, read_at_subject
 from .requests import EditError
-from .rome import check_hparams, default_layer
+from .rome import _positive, check_hparams, default_layer
 from .stats import DEFAULT_N_TOKENS, second_moments
 
 RIDGE = 0.1   # relative to the mean eigenvalue of E[kkᵀ]; like ROME's "+ I"
@@ -61,7 +61,7 @@ def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625,
                        weight_decay=weight_decay, clamp_factor=clamp_factor, n_prefixes=n_prefixes,
                        prefix_len=prefix_len, mom2_n_tokens=mom2_n_tokens, mom2_source=mom2_source,
                        mom2_adjustment=mom2_adjustment)
-    _positive_int("chunk", chunk)
+    _positive("chunk", chunk, integer=True)
     last = layers[-1]
     prefixes = context_prefixes(model, tok, n_prefixes, prefix_len)
     if mom2_adjustment:
@@ -90,7 +90,3 @@ def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625,
         info["residual_norm"][layer] = R.norm(dim=-1).mean().item()
     return {"info": info}
 
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise EditError(f"{name}: expected a positive integer, got {value!r}")

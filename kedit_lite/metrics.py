@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from .adapters import device_of
 from .requests import EditCase, EditRequest, Probe
 from .tokens import answer_logprobs, encode_pairs
 
@@ -24,16 +25,13 @@ def normalize(text):
     return " ".join(text.split())
 
 
-def _device(model):
-    return next(model.parameters()).device
-
 
 @torch.no_grad()
 def teacher_forced(model, tok, prompts, answers, batch_size=16):
     """Per prompt: token accuracy, log P(answer), and the argmax token ids over the answer span."""
     rows = []
     for i in range(0, len(prompts), batch_size):
-        batch = encode_pairs(tok, prompts[i:i + batch_size], answers[i:i + batch_size], _device(model))
+        batch = encode_pairs(tok, prompts[i:i + batch_size], answers[i:i + batch_size], device_of(model))
         logp, correct, count, argmax = answer_logprobs(model, batch)
         for b in range(len(logp)):
             pred = argmax[b][batch["answer_mask"][b]].tolist()
@@ -50,7 +48,7 @@ def generate(model, tok, prompts, max_new_tokens=8, batch_size=16):
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(_device(model)) for k, v in enc.items()}
+            enc = {k: v.to(device_of(model)) for k, v in enc.items()}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
             outputs += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -144,7 +142,7 @@ def perplexity(model, tok, texts):
     """Token-level perplexity of `texts` (side effects of an edit on ordinary language, chapter 8)."""
     total_nll, total_tokens = 0.0, 0
     for text in texts:
-        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(_device(model))
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device_of(model))
         if ids.shape[1] < 2:
             raise ValueError(f"texts: {text!r} is too short to score; pass sentences of two tokens or more")
         logits = model(input_ids=ids).logits[0, :-1].float()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import embedding_matrix, get_adapter, get_module, module_name, num_layers
+from .adapters import device_of, embedding_matrix, get_adapter, get_module, module_name, num_layers
 from .hooks import _first, _replace_first, patch, record, set_at
 from .requests import EditCase, EditError, EditRequest
 from .tokens import join, subject_token_range
@@ -29,9 +29,6 @@ _SIGMA = weakref.WeakKeyDictionary()  # model -> σ of its subject-token embeddi
 
 
 # ----------------------------------------------------------------------------------------------- setup
-
-def _device(model):
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -113,7 +110,7 @@ def _kv(cache):
 @torch.no_grad()
 def prepare(model, tok, prompt, subject, samples=10, noise=3.0, seed=0, answer=None, need_cache=True):
     """The clean run (recording every state) and the corrupted run (noisy subject embeddings, keys/values kept)."""
-    device = _device(model)
+    device = device_of(model)
     ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids], device=device)
     first, end = subject_token_range(tok, prompt, subject)
     embeds = get_module(model, module_name(model, "embed"))(ids)
@@ -388,7 +385,7 @@ def known_facts(model, tok, sources=("lecture", "counterfact"), n=None, counterf
         for i in range(0, len(candidates), batch_size):
             chunk = candidates[i:i + batch_size]
             batch = tok([f["prompt"] for f in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = {k: v.to(_device(model)) for k, v in batch.items()}
+            batch = {k: v.to(device_of(model)) for k, v in batch.items()}
             greedy = model(**batch).logits[:, -1].argmax(-1).tolist()
             for fact, g in zip(chunk, greedy):
                 first = tok(join(fact["prompt"], fact["answer"]), add_special_tokens=False).input_ids[0]

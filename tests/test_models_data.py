@@ -1,6 +1,5 @@
 """The embedded default model, its cache, and the datasets."""
 import json
-import os
 
 import pytest
 import torch

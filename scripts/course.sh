@@ -5,5 +5,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-jupyter-book build . --builder html "$@"
+jupyter-book build . --builder html -W --keep-going "$@"  # warnings are errors: the build is clean
 echo "Open $ROOT/_build/html/index.html"

@@ -11,7 +11,7 @@ import torch
 
 from .adapters import module_name
 from .hooks import patch, record
-from .tokens import join, subject_last_index
+from .tokens import join, pad_right, subject_last_index
 
 _PREFIX_CACHE = {}
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "However", "She"]
@@ -51,20 +51,6 @@ def encode_in_context(tok, prefix, text, subject):
     return head + tok(body, add_special_tokens=False).input_ids, len(head) + subject_last_index(tok, body, subject)
 
 
-def _pad(rows, pad_id, device):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
-        mask[b, :len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(tok):
-    return tok.pad_token_id if tok.pad_token_id is not None else 0
-
-
 @torch.no_grad()
 def read_at_subject(model, tok, requests, prefixes, reads, chunk=64):
     """Mean over prefixes of each module's input/output at the subject's last token.
@@ -80,7 +66,7 @@ def read_at_subject(model, tok, requests, prefixes, reads, chunk=64):
             positions.append(pos)
     got = {name: [] for name in reads}
     for start in range(0, len(rows), chunk):
-        ids, mask = _pad(rows[start:start + chunk], _pad_id(tok), device)
+        ids, mask = pad_right(tok, rows[start:start + chunk], device)
         pos = torch.tensor(positions[start:start + chunk], device=device)
         stores = {}
         with _recording(model, reads, stores):
@@ -167,7 +153,7 @@ def _value_batch(tok, requests, prefixes, device):
         rows.append(ids)
         subj_pos.append(pos)
         owner.append(j)
-    ids, mask = _pad(rows, _pad_id(tok), device)
+    ids, mask = pad_right(tok, rows, device)
     kl_rows = torch.arange(kl_start, len(rows), device=device)
     kl_pos = mask[kl_start:].sum(1) - 1
     t = lambda x: torch.tensor(x, device=device)

@@ -15,6 +15,18 @@ def join(prompt, answer):
     return " " + answer
 
 
+def pad_right(tok, rows, device=None):
+    """Right-pad lists of token ids into (ids, attention_mask) long tensors."""
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row)
+        mask[b, :len(row)] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
 def encode_pairs(tok, prompts, answers, device=None):
     """Right-padded batch of prompt+answer; returns ids, mask, and a mask of the answer tokens' positions.
 
@@ -30,14 +42,9 @@ def encode_pairs(tok, prompts, answers, device=None):
             raise ValueError(f"answer: {answer!r} tokenizes to nothing; pass a non-empty answer")
         rows.append(p + a)
         starts.append(len(p))
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    answer_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    ids, mask = pad_right(tok, rows)
+    answer_mask = torch.zeros(ids.shape, dtype=torch.bool)
     for b, (row, start) in enumerate(zip(rows, starts)):
-        ids[b, :len(row)] = torch.tensor(row)
-        mask[b, :len(row)] = 1
         answer_mask[b, start - 1:len(row) - 1] = True
     labels = torch.where(answer_mask, ids.roll(-1, dims=1), torch.full_like(ids, -100))
     out = {"input_ids": ids, "attention_mask": mask, "answer_mask": answer_mask, "labels": labels,

@@ -135,3 +135,22 @@ def describe(model):
             "d_model": d_model, "d_mlp": d_mlp, "parameters": n_params,
             "mlp_out": a.mlp_out.format("L"), "gated_mlp": a.gated, "conv1d": a.conv1d,
             "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+
+
+def cache_tensors(cache):
+    """[(keys, values)] per layer of a Hugging Face KV cache (transformers 5 `.layers`, 4.x `key_cache`)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def kv_cache(model, tensors):
+    """A fresh Hugging Face cache holding [(keys, values)] per layer (the model appends to it, not to `tensors`)."""
+    from transformers import DynamicCache
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    for layer, (k, v) in enumerate(tensors):
+        cache.update(k, v, layer)
+    return cache

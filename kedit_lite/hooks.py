@@ -23,8 +23,11 @@ def _resolve(model, module):
 
 
 @contextmanager
-def record(model, modules, what="output", detach=True):
-    """Record each module's output (or input) on every forward: yields {name: tensor} (last call wins)."""
+def record(model, modules, what="output", detach=True, whole=False):
+    """Record each module's output (or input) on every forward: yields {name: tensor} (last call wins).
+
+    `whole=True` keeps a module's entire output (a tuple for some blocks), ready for `replay`.
+    """
     if what not in ("output", "input"):
         raise ValueError(f"what: expected 'output' or 'input', got {what!r}")
     names = [modules] if isinstance(modules, str) else list(modules)
@@ -34,7 +37,12 @@ def record(model, modules, what="output", detach=True):
 
         def keep(tensor, name=name):
             store[name] = tensor.detach() if detach else tensor
-        if what == "output":
+
+        def keep_whole(out, name=name):
+            store[name] = _replace_first(out, _first(out).detach()) if detach else out
+        if what == "output" and whole:
+            handles.append(mod.register_forward_hook(lambda m, i, o, keep=keep_whole: keep(o)))
+        elif what == "output":
             handles.append(mod.register_forward_hook(lambda m, i, o, keep=keep: keep(_first(o))))
         else:
             handles.append(mod.register_forward_pre_hook(lambda m, i, keep=keep: keep(_first(i))))
@@ -91,3 +99,26 @@ def set_at(model, module, positions, values, what="output"):
         return x
     with patch(model, module, fn, what):
         yield
+
+
+@contextmanager
+def replay(model, outputs):
+    """Modules named in `outputs` skip their computation and return outputs[name] instead.
+
+    For the part of a forward pass known in advance (the blocks below an edit, chapters 5 and 6): record
+    them once with `record(..., whole=True)`, replay them at every step. A value may also be a function of
+    no arguments that builds the output (e.g. the recorded one plus a vector being optimised).
+    """
+    mods = {name: _resolve(model, name) for name in outputs}
+    saved = {name: mod.__dict__.get("forward") for name, mod in mods.items()}  # e.g. accelerate's device hooks
+    for name, mod in mods.items():
+        value = outputs[name]
+        mod.forward = (lambda *a, value=value, **k: value()) if callable(value) else (lambda *a, value=value, **k: value)
+    try:
+        yield
+    finally:
+        for name, mod in mods.items():
+            if saved[name] is None:
+                del mod.forward
+            else:
+                mod.forward = saved[name]

@@ -9,8 +9,8 @@
 """
 import torch
 
-from .adapters import module_name
-from .hooks import patch, record
+from .adapters import cache_tensors, kv_cache, module_name, num_layers
+from .hooks import _first, _replace_first, record, replay
 from .tokens import join, pad_right, subject_last_index
 
 _PREFIX_CACHE = {}
@@ -119,11 +119,8 @@ def run_until(model, ids, mask, paths):
 
 
 def _run(model, ids, mask):
-    """Forward pass that skips the full-vocabulary head where the model allows it (we read hidden states)."""
-    try:
-        return model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    except TypeError:
-        return model(input_ids=ids, attention_mask=mask)
+    """Forward pass without the full-vocabulary head (we read hidden states)."""
+    return model.base_model(input_ids=ids, attention_mask=mask)
 
 
 def compute_keys(model, tok, requests, layers, prefixes):
@@ -132,15 +129,16 @@ def compute_keys(model, tok, requests, layers, prefixes):
     return read_at_subject(model, tok, requests, prefixes, reads)
 
 
-def _value_batch(tok, requests, prefixes, device):
+def _value_batch(tok, requests, prefixes):
     """Rows for v*: every prefix + prompt + target (teacher forced), then one '{subject} is a' row per request."""
-    rows, subj_pos, owner, tgt_rows, tgt_pos, tgt_ids = [], [], [], [], [], []
+    rows, subj_pos, owner, tgt_row, tgt_owner, tgt_pos, tgt_ids = [], [], [], [], [], [], []
     for j, r in enumerate(requests):
         target = tok(join(r.prompt_text, r.target_new), add_special_tokens=False).input_ids
         for p in prefixes:
             ids, pos = encode_in_context(tok, p, r.prompt_text, r.subject)
             for t, token in enumerate(target):
-                tgt_rows.append((len(rows), j))
+                tgt_row.append(len(rows))
+                tgt_owner.append(j)
                 tgt_pos.append(len(ids) - 1 + t)
                 tgt_ids.append(token)
             rows.append(ids + target[:-1])
@@ -148,30 +146,85 @@ def _value_batch(tok, requests, prefixes, device):
             owner.append(j)
     kl_start = len(rows)
     for j, r in enumerate(requests):
-        text = f"{r.subject} is a"
-        ids, pos = encode_in_context(tok, "", text, r.subject)
+        ids, pos = encode_in_context(tok, "", f"{r.subject} is a", r.subject)
         rows.append(ids)
         subj_pos.append(pos)
         owner.append(j)
-    ids, mask = pad_right(tok, rows, device)
-    kl_rows = torch.arange(kl_start, len(rows), device=device)
-    kl_pos = mask[kl_start:].sum(1) - 1
-    t = lambda x: torch.tensor(x, device=device)
-    return {"ids": ids, "mask": mask, "subj_pos": t(subj_pos), "owner": t(owner),
-            "tgt_row": t([a for a, _ in tgt_rows]), "tgt_owner": t([b for _, b in tgt_rows]),
-            "tgt_pos": t(tgt_pos), "tgt_ids": t(tgt_ids), "kl_rows": kl_rows, "kl_pos": kl_pos,
+    return {"rows": rows, "subj_pos": subj_pos, "owner": owner, "tgt_row": tgt_row, "tgt_owner": tgt_owner,
+            "tgt_pos": tgt_pos, "tgt_ids": tgt_ids, "kl_rows": list(range(kl_start, len(rows))),
             "n_prefixes": len(prefixes)}
 
 
-def _logits_at(model, final_norm, batch, deltas, mlp_out_path):
-    """Logits at the target positions and at the KL positions, with deltas[owner] added at each subject."""
-    rows = torch.arange(batch["ids"].shape[0], device=deltas.device)
+@torch.no_grad()
+def _split_at_subject(model, tok, batch, layer, device):
+    """Compute once everything δ cannot change, so each optimisation step runs only what it can.
 
-    def add(x):
-        return x.index_put((rows, batch["subj_pos"]), deltas[batch["owner"]].to(x.dtype), accumulate=True)
-    with patch(model, mlp_out_path, add), record(model, final_norm, detach=False) as store:
-        _run(model, batch["ids"], batch["mask"])
-    hidden = store[final_norm]
+    δ enters at block `layer`'s output at the subject's last token. So (1) every token before that is fixed:
+    its keys/values are cached (left-padded with zeros that the attention mask hides, position ids carry each
+    row's true positions) and the step runs only the suffix from the subject's last token on, a third of the
+    tokens of ROME's short prompts; (2) blocks 0..layer are fixed on the suffix too: their outputs are recorded
+    here and replayed (`hooks.replay`), so a step computes blocks layer+1.. only.
+    """
+    rows, starts = batch["rows"], batch["subj_pos"]
+    width = max(starts)
+    kv = []
+    if width:  # one right-padded forward of the prefixes; padding after a token never changes its keys/values
+        ids, mask = pad_right(tok, [row[:max(start, 1)] for row, start in zip(rows, starts)], device)
+        cached = cache_tensors(model.base_model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values)
+        kv = [(_left_align(k, starts, width), _left_align(v, starts, width)) for k, v in cached]
+    ids, suffix_mask = pad_right(tok, [row[start:] for row, start in zip(rows, starts)], device)
+    prefix_mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for b, start in enumerate(starts):
+        prefix_mask[b, width - start:] = 1
+    t = lambda x: torch.tensor(x, device=device)
+    start_of, tgt_row, kl_rows = t(starts), t(batch["tgt_row"]), t(batch["kl_rows"])
+    out = {"ids": ids, "mask": torch.cat([prefix_mask, suffix_mask], 1), "kv": kv,
+           "positions": start_of[:, None] + torch.arange(ids.shape[1], device=device),
+           "owner": t(batch["owner"]), "tgt_row": tgt_row, "tgt_owner": t(batch["tgt_owner"]),
+           "tgt_pos": t(batch["tgt_pos"]) - start_of[tgt_row], "tgt_ids": t(batch["tgt_ids"]),
+           "kl_rows": kl_rows, "kl_pos": suffix_mask[kl_rows].sum(1) - 1}
+    blocks = _block_names(model)[:layer + 1]
+    with record(model, blocks, whole=True) as outputs:
+        _suffix_hidden(model, out)
+    out["replay"] = {name: outputs[name] for name in blocks}
+    return out
+
+
+def _left_align(x, starts, width):
+    """(batch, heads, T, d) keys or values: row b's first starts[b] positions moved to the right end, zeros before."""
+    out = x.new_zeros(x.shape[:2] + (width,) + x.shape[3:])
+    for b, start in enumerate(starts):
+        out[b, :, width - start:] = x[b, :, :start]
+    return out
+
+
+def _block_names(model):
+    return [module_name(model, "layer", j) for j in range(num_layers(model))]
+
+
+def _replayed(batch, deltas):
+    """Blocks 0..layer replay their recorded outputs (see _split_at_subject); the last one adds δ at the subject."""
+    *below, last = batch["replay"]
+    recorded = batch["replay"][last]
+
+    def with_delta():
+        hidden = _first(recorded).clone()
+        hidden[:, 0] += deltas[batch["owner"]].to(hidden.dtype)
+        return _replace_first(recorded, hidden)
+    return {**{name: batch["replay"][name] for name in below}, last: with_delta}
+
+
+def _suffix_hidden(model, batch):
+    """Final hidden states of the suffix rows, after the cached prefixes (no LM head: we pick positions first)."""
+    cache = kv_cache(model, batch["kv"]) if batch["kv"] else None
+    return model.base_model(input_ids=batch["ids"], attention_mask=batch["mask"], position_ids=batch["positions"],
+                            past_key_values=cache, use_cache=cache is not None).last_hidden_state
+
+
+def _logits_at(model, batch, deltas):
+    """Logits at the target positions and at the KL positions, with deltas[owner] added at each subject."""
+    with replay(model, _replayed(batch, deltas)):
+        hidden = _suffix_hidden(model, batch)
     head = model.get_output_embeddings()
     tgt = head(hidden[batch["tgt_row"], batch["tgt_pos"]]).float()
     kl = head(hidden[batch["kl_rows"], batch["kl_pos"]]).float()
@@ -195,9 +248,8 @@ def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor,
                     stop_loss, device):
     """Adam on δ for a few requests at once (their losses are independent: each δ sits in its own rows)."""
     n = len(requests)
-    batch = _value_batch(tok, requests, prefixes, device)
+    batch = _split_at_subject(model, tok, _value_batch(tok, requests, prefixes), layer, device)
     mlp_out_path = module_name(model, "mlp_out", layer)
-    final_norm = module_name(model, "final_norm")
     # v_old, the value already stored at the subject: its norm scales the weight decay and the clamp
     v_old = read_at_subject(model, tok, requests, prefixes, {"v": (mlp_out_path, "output")})["v"]
     v_norm = v_old.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -205,7 +257,7 @@ def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor,
     deltas = torch.zeros(n, d_model, device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([deltas], lr=lr)
     with torch.no_grad():
-        _, kl_logits = _logits_at(model, final_norm, batch, torch.zeros_like(deltas), mlp_out_path)
+        _, kl_logits = _logits_at(model, batch, torch.zeros_like(deltas))
         kl_ref = torch.log_softmax(kl_logits, -1)
     n_tok = torch.zeros(n, device=device).index_add_(0, batch["tgt_owner"], torch.ones_like(batch["tgt_owner"],
                                                                                              dtype=torch.float))
@@ -213,7 +265,7 @@ def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor,
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad()
-            tgt_logits, kl_logits = _logits_at(model, final_norm, batch, deltas, mlp_out_path)
+            tgt_logits, kl_logits = _logits_at(model, batch, deltas)
             nll_tok = torch.nn.functional.cross_entropy(tgt_logits, batch["tgt_ids"], reduction="none")
             # mean over each request's prefixes of the per-prompt mean token NLL == token sum / tokens per request
             nll = torch.zeros(n, device=device).index_add(0, batch["tgt_owner"], nll_tok) / n_tok

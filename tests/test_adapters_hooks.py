@@ -94,3 +94,29 @@ def test_layer_out_of_range_message(tiny):
 def test_describe_smol(smol):
     info = ke.describe(smol[0])
     assert info["layers"] == 30 and info["d_model"] == 576 and info["d_mlp"] == 1536 and info["gated_mlp"]
+
+
+def test_replay_returns_recorded_outputs_and_restores_forward(tiny):
+    """replay(): the recorded block outputs stand in for the blocks, exactly; the modules work normally afterwards."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    blocks = [adapters.module_name(tiny, "layer", j) for j in range(2)]
+    with hooks.record(tiny, blocks, whole=True) as recorded:
+        reference = tiny(input_ids=ids).logits
+    module = adapters.get_module(tiny, blocks[0])
+    with hooks.replay(tiny, dict(recorded)):
+        replayed = tiny(input_ids=ids).logits
+        # a replayed block ignores its input: a different prompt changes only the blocks that still compute
+        other = tiny(input_ids=torch.tensor([[9, 9, 9, 9]])).logits
+    assert torch.equal(replayed, reference)
+    assert not torch.equal(other, tiny(input_ids=torch.tensor([[9, 9, 9, 9]])).logits)
+    assert "forward" not in module.__dict__                     # the class's forward is back
+    assert torch.equal(tiny(input_ids=ids).logits, reference)
+
+    # an instance-level forward (accelerate's device hooks install one) is put back, not deleted
+    wrapped = module.forward
+    module.forward = lambda *a, **k: wrapped(*a, **k)
+    marker = module.forward
+    with hooks.replay(tiny, {blocks[0]: recorded[blocks[0]]}):
+        assert module.forward is not marker
+    assert module.forward is marker
+    del module.forward

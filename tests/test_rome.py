@@ -119,6 +119,43 @@ def test_inconsistent_keys_miss_v_star():
     assert out[True] < 1e-4 and out[False] > 1e-3
 
 
+def test_constrained_update_generalises_rank_one():
+    """Two equality constraints: ŴK = V exactly, rank two, least change (KKT), and m = 1 is ROME's formula."""
+    gen = torch.Generator().manual_seed(1)
+    d_out, d_k, n = 6, 10, 50
+    W = torch.randn(d_out, d_k, generator=gen, dtype=torch.float64)
+    keys = torch.randn(d_k, n, generator=gen, dtype=torch.float64)
+    C = keys @ keys.T / n
+    K, V = torch.randn(d_k, 2, generator=gen, dtype=torch.float64), torch.randn(d_out, 2, generator=gen, dtype=torch.float64)
+    W_hat = W + rome.constrained_update(W, C, K, V)
+    assert torch.allclose(W_hat @ K, V, atol=1e-10)
+    assert torch.linalg.matrix_rank(W_hat - W) == 2
+    # KKT of min ‖(Ŵ − W) keys‖² s.t. ŴK = V, row by row
+    A = torch.zeros(d_k + 2, d_k + 2, dtype=torch.float64)
+    A[:d_k, :d_k], A[:d_k, d_k:], A[d_k:, :d_k] = 2 * C, K, K.T
+    kkt = torch.linalg.solve(A, torch.cat([2 * C @ W.T, V.T], 0))[:d_k].T
+    assert torch.allclose(W_hat, kkt, atol=1e-9)
+    k, v = K[:, 0], V[:, 0]
+    assert torch.allclose(rome.constrained_update(W, C, k[:, None], v[:, None]), rome.rank_one_update(W, C, k, v),
+                          atol=1e-10)
+
+
+def test_bare_key_writes_the_bare_prompts_value_too():
+    model, tok = make_tiny("llama"), _tok()
+    saved = snapshot(model)
+    name = adapters.mlp_out_weight_name(model, 1)
+    k_bare = keys_values.compute_keys(model, tok, [ke.EditRequest(**REQUEST)], [1], [""])[1][0]
+    result = ke.edit(model, tok, REQUEST, method="rome", layer=1, bare_key=True, **FAST)
+    W0, W = saved[name].float(), adapters.as_out_in(model, adapters.layer_module(model, "mlp_out", 1).weight).float()
+    k, v = result.info["k_star"][0], result.info["v_star"][0]
+    delta = v - W0 @ k                                   # the optimised δ (consistent keys: v* = W k* + δ)
+    assert ((W @ k - v).norm() / v.norm()).item() < 1e-4                      # the averaged key gets v*
+    assert ((W @ k_bare - (W0 @ k_bare + delta)).norm() / v.norm()).item() < 1e-4  # and the bare prompt's key
+    assert torch.linalg.matrix_rank((W - W0).double(), rtol=1e-6) == 1       # same δ for both: still rank one
+    result.undo()
+    assert_same_weights(model, saved)
+
+
 def test_statistics_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_CACHE", str(tmp_path))
     model, tok = make_tiny("llama"), _tok()
@@ -158,6 +195,7 @@ BAD = [
     (dict(mom2_weight=float("nan")), "mom2_weight: expected"),
     (dict(mom2_source=5), "mom2_source: expected"),
     (dict(consistent_keys="yes"), "consistent_keys: expected True or False"),
+    (dict(bare_key=1), "bare_key: expected True or False"),
     (dict(n_prefixes=1.5), "n_prefixes: expected a non-negative integer"),
     (dict(learning_rate=0.1), r"hparams: unknown option\(s\) \['learning_rate'\]"),
 ]
@@ -180,3 +218,36 @@ def test_bad_request_and_default_layer():
     assert_same_weights(model, saved)
     assert rome.default_layer(model) == 0           # unknown model: ~1/4 depth of 3 layers
     assert rome.DEFAULT_LAYER["gpt2-xl"] == 17
+
+
+def _full_forward_logits(model, tok, batch, deltas, layer):
+    """The plain way: every row whole, δ added at the subject's last token (the yardstick of the cached split)."""
+    from kedit_lite.hooks import patch
+    from kedit_lite.tokens import pad_right
+    ids, mask = pad_right(tok, batch["rows"])
+    rows, pos = torch.arange(len(batch["rows"])), torch.tensor(batch["subj_pos"])
+    owner = torch.tensor(batch["owner"])
+
+    def add(x):
+        x = x.clone()
+        x[rows, pos] += deltas[owner]
+        return x
+    with patch(model, adapters.module_name(model, "mlp_out", layer), add):
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    kl_pos = mask.sum(1)[batch["kl_rows"]] - 1
+    return logits[batch["tgt_row"], batch["tgt_pos"]], logits[batch["kl_rows"], kl_pos]
+
+
+def test_cached_prefix_logits_equal_full_forward(tiny, tok):
+    """v* only recomputes tokens from the subject on; the logits must match a whole forward pass exactly."""
+    model = tiny
+    requests = [ke.EditRequest(**REQUEST), ke.EditRequest("{} was born in", "Barack Obama", "Paris")]
+    prefixes = ["", "Therefore it rained", "I"]
+    layer = 1
+    raw = keys_values._value_batch(tok, requests, prefixes)
+    batch = keys_values._split_at_subject(model, tok, raw, layer, torch.device("cpu"))
+    deltas = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    tgt, kl = keys_values._logits_at(model, batch, deltas)
+    ref_tgt, ref_kl = _full_forward_logits(model, tok, raw, deltas, layer)
+    assert (tgt - ref_tgt).abs().max() < 1e-4
+    assert (kl - ref_kl).abs().max() < 1e-4

@@ -1,16 +1,22 @@
 """Benchmark harness: edit N cases one by one (or in batches), score before/after, undo, and print a table.
 
-    python -m kedit_lite.bench --method ft --data counterfact --split val --n 20 [--json out.json]
-    python -m kedit_lite.bench --all --data counterfact --n 50
+    python -m kedit_lite.bench --method ft --data counterfact --split val --n 20 [--json out.json] [--markdown]
+    python -m kedit_lite.bench --all --data counterfact --split val --n 50 --json book/results/counterfact_val.json
 
-Every method in kedit_lite.METHODS plugs in through `ke.edit`; chapter 8 renders the `--all` table.
+Every method in kedit_lite.METHODS plugs in through `ke.edit`; chapter 9 (09_method_comparison) reads the JSON
+that `--all --json` writes and compares the methods on reliability, generalization, locality and efficiency.
 """
 import argparse
 import json
+import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -21,48 +27,149 @@ from .metrics import KINDS, evaluate, summarize
 from .models import load_model, model_name
 from .requests import EditError
 
+SCHEMA = 2  # version of the JSON layout written by main(); chapter 9 checks it
+MODES = ("token_acc", "gen", "prob_wins")
+# Requests per edit() call when --batch-size is not given: MEMIT is *the* batch method (chapter 5), so it writes
+# all n facts in one update; every other method gets one fact per call, the setting its paper reports.
+DEFAULT_BATCH = {"memit": "all"}
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "results"
 
-def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams=None):
+
+def default_batch_size(method, n):
+    """Requests per edit for `method` on n cases when the user gives no --batch-size (chapter 5: MEMIT batches)."""
+    return n if DEFAULT_BATCH.get(method) == "all" else int(DEFAULT_BATCH.get(method, 1))
+
+
+def _what_changes(model, result):
+    """How an edit changed the model (chapter 1's map): weights moved, modules added, a prompt prepended."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    return {"changes_weights": bool(result.touched), "touched_tensors": len(result.touched),
+            "touched_parameters": sum(sizes[n] for n in result.touched),
+            "adds_modules": result._restore_extra is not None, "uses_context": bool(result.context)}
+
+
+def hparams_for(method, hparams):
+    """Options for one method: {"steps": 10} applies to every method, {"ft": {"steps": 10}} only to FT."""
+    if hparams and all(k in METHODS for k in hparams):
+        return dict(hparams.get(method) or {})
+    return dict(hparams or {})
+
+
+def _prompts_scored(scores):
+    """Prompts one evaluate() call ran through the model: every probe, plus the two of P(new) > P(true)."""
+    return sum(len(rows) for rows in scores["details"].values()) + 2 * ("prob_wins" in scores["reliability"])
+
+
+def score_before(model, tok, cases, generation=True):
+    """The unedited model's scores on every case (shared by all methods: locality compares with them)."""
+    return [evaluate(model, tok, c, generation=generation) for c in tqdm(cases, desc="before", leave=False)]
+
+
+def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams=None, befores=None):
     """Edit `cases` with `method`, `batch_size` requests per edit; return per-case scores and per-edit costs."""
     hparams = hparams or {}
-    befores = [evaluate(model, tok, c, generation=generation) for c in tqdm(cases, desc="before", leave=False)]
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise EditError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    start_all = time.perf_counter()
+    befores = befores if befores is not None else score_before(model, tok, cases, generation)
     afters, seconds, memory = [], [], []
-    eval_seconds, n_queries = 0.0, 0  # cost of asking the edited model (IKE pays it on every query)
+    eval_seconds, n_queries, changes = 0.0, 0, None
     for i in tqdm(range(0, len(cases), batch_size), desc=method, leave=False):
         chunk = cases[i:i + batch_size]
         result = edit(model, tok, [c.request for c in chunk] if batch_size > 1 else chunk[0].request,
                       method=method, **hparams)
         seconds.append(result.seconds)
         memory.append(result.peak_memory_mb)
+        changes = changes or _what_changes(model, result)
         for case, before in zip(chunk, befores[i:i + batch_size]):
+            # cost of asking the edited model: IKE pays it on every query (its context makes each prompt longer)
             start = time.perf_counter()
             afters.append(result.evaluate(model, tok, case, before=before, generation=generation))
             eval_seconds += time.perf_counter() - start
-            n_queries += sum(len(rows) for rows in afters[-1]["details"].values())
+            n_queries += _prompts_scored(afters[-1])
         result.undo()
-    return {"method": method, "n": len(cases), "batch_size": batch_size, "before": summarize(befores),
-            "after": summarize(afters), "median_seconds_per_edit": statistics.median(seconds),
-            "seconds_per_request": sum(seconds) / len(cases), "peak_memory_mb": max(memory),
-            "eval_seconds_per_query": eval_seconds / max(n_queries, 1),
-            "per_case": [{k: v for k, v in a.items() if k != "details"} for a in afters]}
+    per_case = [dict({k: v for k, v in a.items() if k != "details"}, id=c.meta.get("id"))
+                for a, c in zip(afters, cases)]
+    return {"method": method, "n": len(cases), "batch_size": batch_size, "n_edits": len(seconds),
+            "how": (get_method(method).apply.__doc__ or "").strip().splitlines()[0], **changes,
+            "before": summarize(befores), "after": summarize(afters),
+            "median_seconds_per_edit": statistics.median(seconds), "seconds_per_request": sum(seconds) / len(cases),
+            "seconds_per_edit": seconds, "peak_memory_mb": max(memory),
+            "eval_seconds_per_query": eval_seconds / max(n_queries, 1), "n_queries": n_queries,
+            "wall_seconds": time.perf_counter() - start_all, "per_case": per_case}
 
 
-def format_table(results):
-    """Plain-text table: one row per metric, one column per method."""
-    keys = [f"{kind}.{mode}" for kind in KINDS for mode in ("token_acc", "gen", "prob_wins")
-            if any(f"{kind}.{mode}" in r["after"] for r in results)]
-    head = ["metric"] + [r["method"] for r in results]
-    rows = [[k] + [f"{r['after'][k]:.3f}" if k in r["after"] else "-" for r in results] for k in keys]
+def metric_keys(results):
+    """The 'kind.mode' scores present in any result, in KINDS x MODES order (chapter 2's metrics)."""
+    keys = [f"{kind}.{mode}" for kind in KINDS for mode in MODES]
+    return [k for k in keys if any(k in r["after"] for r in results)]
+
+
+def _rows(results):
+    """The table's cells as strings: scores, then costs, then how the model was changed."""
+    rows = [[k] + [f"{r['after'][k]:.3f}" if k in r["after"] else "-" for r in results] for k in metric_keys(results)]
     rows.append(["median s/edit"] + [f"{r['median_seconds_per_edit']:.3f}" for r in results])
+    rows.append(["s/request"] + [f"{r.get('seconds_per_request', r['median_seconds_per_edit']):.3f}" for r in results])
     rows.append(["eval s/query"] + [f"{r.get('eval_seconds_per_query', float('nan')):.3f}" for r in results])
     rows.append(["peak extra MB/edit"] + [f"{r['peak_memory_mb']:.1f}" for r in results])
-    rows.append(["edits x batch"] + [f"{r['n'] // r['batch_size']}x{r['batch_size']}" for r in results])
+    rows.append(["edits x batch"] + [f"{r.get('n_edits', r['n'] // r['batch_size'])}x{r['batch_size']}"
+                                     for r in results])
+    if all("changes_weights" in r for r in results):
+        rows.append(["changes weights"] + ["yes" if r["changes_weights"] else "no" for r in results])
+    return rows
+
+
+def format_table(results, markdown=False):
+    """One row per metric, one column per method: aligned plain text, or a GitHub markdown table (chapter 9)."""
+    head = ["metric"] + [r["method"] for r in results]
+    rows = _rows(results)
+    if markdown:
+        line = lambda row: "| " + " | ".join(str(c) for c in row) + " |"
+        return "\n".join([line(head), "|" + "|".join(["---"] + ["--:"] * len(results)) + "|"]
+                         + [line(r) for r in rows])
     widths = [max(len(str(row[i])) for row in [head] + rows) for i in range(len(head))]
     line = lambda row: "  ".join(str(c).rjust(w) if j else str(c).ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def main(argv=None):
+def _git(*args):
+    """Output of a git command run beside this file, or None outside a checkout."""
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model():
+    """The CPU's marketing name (Linux /proc/cpuinfo), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(model):
+    """Where the numbers were measured: platform, CPUs, threads, GPU, library versions (chapter 9 prints it)."""
+    import transformers
+    from . import __version__
+    device = next(model.parameters()).device
+    status = _git("status", "--porcelain", "--", ".")
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": _cpu_model(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "kedit_lite": __version__,
+            "git_commit": _git("rev-parse", "HEAD"), "library_modified": None if status is None else bool(status),
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def _parser():
     parser = argparse.ArgumentParser(prog="python -m kedit_lite.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--method", action="append", help=f"one of {sorted(METHODS)}; repeatable")
     parser.add_argument("--all", action="store_true", help="every method available in this version")
@@ -70,20 +177,21 @@ def main(argv=None):
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--n", type=int, default=20, help="number of edit cases")
     parser.add_argument("--seed", type=int, default=None, help="sample cases at random with this seed")
-    parser.add_argument("--batch-size", type=int, default=None, help="requests per edit (memit default: all)")
+    parser.add_argument("--batch-size", type=int, default=None, help="requests per edit (default: 1; memit: all n)")
     parser.add_argument("--model", default=None, help="model name or directory (default: embedded SmolLM2)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--hparams", default="{}", help='JSON dict of method options, e.g. \'{"layers": 4}\'')
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--hparams", default="{}",
+                        help='JSON method options: \'{"steps": 10}\' for all, \'{"ft": {"steps": 10}}\' per method')
     parser.add_argument("--no-generation", action="store_true", help="skip greedy-generation scores (faster)")
-    parser.add_argument("--json", default=None, help="write the results to this path")
-    args = parser.parse_args(argv)
-    methods = list(METHODS) if args.all else (args.method or ["ft"])
-    try:
-        hparams = json.loads(args.hparams)
-    except json.JSONDecodeError as err:
-        parser.error(f"--hparams: not valid JSON ({err})")
+    parser.add_argument("--json", default=None, help="write the results (with machine info) to this path")
+    parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    return parser
+
+
+def _methods(parser, args):
+    """The methods to run: --all (skipping unavailable ones with a note) or each --method (errors are fatal)."""
     available = []
-    for m in methods:
+    for m in (list(METHODS) if args.all else (args.method or ["ft"])):
         try:
             get_method(m)
             available.append(m)
@@ -91,25 +199,95 @@ def main(argv=None):
             if not args.all:
                 parser.error(str(err))
             print(f"skipping {m}: {err}", file=sys.stderr)
+    return available
+
+
+def _parse(argv):
+    """Parsed and checked arguments, with --hparams decoded; bad values exit naming the flag."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n: expected a positive number of cases, got {args.n}")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    try:
+        args.hparams = json.loads(args.hparams)
+    except json.JSONDecodeError as err:
+        parser.error(f"--hparams: not valid JSON ({err})")
+    if not isinstance(args.hparams, dict):
+        parser.error(f"--hparams: expected a JSON object like '{{\"steps\": 10}}', got {json.dumps(args.hparams)}")
+    args.methods = _methods(parser, args)
+    return args
+
+
+def _meta(args, command, started, model, results, failed):
+    """What was run, on what, when: everything chapter 9 prints above its tables."""
+    return {"schema": SCHEMA, "command": command, "date": started.isoformat(timespec="seconds"),
+            "model": model_name(model), "model_parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "data": args.data,
+            "split": None if args.data == "lecture" else args.split, "n": results[0]["n"] if results else args.n,
+            "seed": args.seed, "generation": not args.no_generation, "batch_size": args.batch_size,
+            "default_batch": DEFAULT_BATCH, "hparams": args.hparams, "methods": [r["method"] for r in results],
+            "failed": failed, **machine_info(model),
+            "wall_seconds": (datetime.now(timezone.utc) - started).total_seconds()}
+
+
+def main(argv=None):
+    """The command line: run the methods, print the table, write the JSON chapter 9 reads."""
+    args = _parse(argv)
+    command = "python -m kedit_lite.bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    started = datetime.now(timezone.utc)
     torch.manual_seed(0)
     model, tok = load_model(args.model, device=args.device)
     cases = load_cases(args.data, split=args.split, n=args.n, seed=args.seed)
-    results = []
-    for method in available:
-        batch = args.batch_size or (len(cases) if method == "memit" else 1)
-        start = time.perf_counter()
-        results.append(run_method(model, tok, cases, method, batch, not args.no_generation, hparams))
-        results[-1]["wall_seconds"] = time.perf_counter() - start
-    print(f"model={model_name(model)} data={args.data}/{args.split} n={len(cases)} "
-          f"device={next(model.parameters()).device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(format_table(results))
+    results, failed = [], {}
+    befores = score_before(model, tok, cases, not args.no_generation)  # once: every method starts from this model
+    for method in args.methods:
+        batch = args.batch_size or default_batch_size(method, len(cases))
+        try:
+            results.append(run_method(model, tok, cases, method, batch, not args.no_generation,
+                                      hparams_for(method, args.hparams), befores))
+        except Exception as err:  # noqa: BLE001 (with --all, one method's failure must not lose the others' hour)
+            if not args.all:
+                raise
+            failed[method] = f"{type(err).__name__}: {err}"
+            print(f"{method} failed: {err}", file=sys.stderr)
+    meta = _meta(args, command, started, model, results, failed)
+    print(f"model={meta['model']} data={args.data}{'/' + args.split if meta['split'] else ''} n={len(cases)} "
+          f"device={meta['device']} torch={meta['torch']} threads={meta['torch_threads']}")
+    print(format_table(results, markdown=args.markdown))
     if args.json:
-        meta = {"model": model_name(model), "data": args.data, "split": args.split, "n": len(cases),
-                "device": str(next(model.parameters()).device), "platform": platform.platform(),
-                "torch": torch.__version__, "hparams": hparams}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1, ensure_ascii=False)
+            f.write("\n")
     return results
+
+
+def load_results(name, results_dir=None):
+    """A JSON written by `main(--json)`: from book/results/ in a checkout, else downloaded (Colab); chapter 9."""
+    dirs = [Path(results_dir)] if results_dir else [RESULTS_DIR, Path.cwd() / "book" / "results",
+                                                     Path.cwd().parent / "book" / "results"]
+    path = next((d / name for d in dirs if (d / name).exists()), dirs[0] / name)
+    if path.exists():
+        data = json.loads(path.read_text(encoding="utf-8"))
+    elif results_dir:
+        raise FileNotFoundError(f"results_dir: {path} does not exist; write it with python -m kedit_lite.bench "
+                                f"... --json {path}")
+    else:
+        import urllib.request
+        from .course import BRANCH, REPOSITORY
+        url = f"{REPOSITORY.replace('github.com', 'raw.githubusercontent.com')}/{BRANCH}/book/results/{name}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                data = json.loads(response.read().decode("utf-8"))
+        except OSError as err:
+            raise FileNotFoundError(f"name: no {path} and downloading {url} failed ({err}); run the bench with "
+                                    f"--json {path} to create it") from err
+    if data.get("meta", {}).get("schema") != SCHEMA:
+        raise ValueError(f"name: {name} has schema {data.get('meta', {}).get('schema')!r}, this kedit_lite reads "
+                         f"schema {SCHEMA}; regenerate it with the command in its meta['command']")
+    return data
 
 
 if __name__ == "__main__":

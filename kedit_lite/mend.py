@@ -295,16 +295,26 @@ def get_editor(checkpoint=None):
 
 # ---------------------------------------------------------------- the method protocol (editing.py)
 
-def touched_parameters(model, requests, checkpoint=None):
+def _check_scale(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise EditError(f"scale: expected a positive number multiplying the learned step sizes (1.0 = as trained), "
+                        f"got {scale!r}")
+
+
+def touched_parameters(model, requests, checkpoint=None, scale=1.0):
     """The weights MEND changes: the editor's weights, after checking it was trained for this model."""
+    _check_scale(scale)
     editor = get_editor(checkpoint)
     editor.check_model(model)
     return list(editor.names)
 
 
 @torch.no_grad()
-def apply(model, tok, requests, checkpoint=None):
-    """One forward/backward on the edit prompts, the editor maps the gradient factors to Δ, add Δ in place."""
+def apply(model, tok, requests, checkpoint=None, scale=1.0):
+    """One forward/backward on the edit prompts, the editor maps the gradient factors to Δ, add Δ in place.
+
+    `scale` multiplies the learned step sizes: above 1 trades locality for reliability (chapter 6 measures it).
+    """
     editor = get_editor(checkpoint)
     editor.check_model(model)
     device = next(model.parameters()).device
@@ -315,7 +325,7 @@ def apply(model, tok, requests, checkpoint=None):
     params = dict(model.named_parameters())
     for name, d in deltas.items():
         w = as_out_in(model, params[name])
-        w.add_(d.sum(0).to(w.dtype))  # several requests: their edits add up (MEND's batched editing)
+        w.add_((scale * d.sum(0)).to(w.dtype))  # several requests: their edits add up (MEND's batched editing)
     return {"info": {"parameters": list(editor.names), "pre_edit_nll": nll.tolist(),
                      "edit_norms": {n: round(d.sum(0).norm().item(), 4) for n, d in deltas.items()}}}
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
 CHAPTERS = ["01_what_is_model_editing", "02_measuring_an_edit", "03_ike", "04_causal_tracing", "05_rome_memit",
-            "06_mend", "07_t_patcher", "08_applications"]
+            "06_mend", "07_t_patcher", "08_applications", "09_method_comparison"]
 
 
 def toc_files():

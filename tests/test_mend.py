@@ -145,6 +145,9 @@ def test_bad_inputs(tmp_path, tok):
         ke.edit(model, tok, REQ, method="mend", checkpoint=str(tmp_path / "plain.safetensors"))
     with pytest.raises(ke.EditError, match="hparams"):
         ke.edit(model, tok, REQ, method="mend", lr=1.0)
+    for bad in (0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(ke.EditError, match="scale: expected a positive number"):
+            ke.edit(model, tok, REQ, method="mend", scale=bad)
     with pytest.raises(ke.EditError, match="n_layers"):
         mend.edited_parameters(model, 7)
     with pytest.raises(ke.EditError, match="cases"):
@@ -166,7 +169,14 @@ def test_shipped_checkpoint_edits_smollm2_and_undo_is_exact(smol):
     with torch.no_grad():
         nll_after = answer_nll(model, batch).item()
     assert nll_after < nll_before - 1.0, (nll_before, nll_after)
+    edited = {n: dict(model.named_parameters())[n].detach().clone() for n in result.touched}
     result.undo()
+    assert_same_weights(model, saved)
+    doubled = ke.edit(model, tok, REQ, method="mend", scale=2.0)     # scale multiplies the learned step sizes
+    for n in doubled.touched:
+        step = edited[n] - saved[n]
+        assert torch.allclose(dict(model.named_parameters())[n] - saved[n], 2 * step, atol=1e-6), n
+    doubled.undo()
     assert_same_weights(model, saved)
     with pytest.raises(ke.EditError, match="trained for"):
         ke.edit(make_tiny("llama"), tok, REQ, method="mend")

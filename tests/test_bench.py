@@ -1,0 +1,113 @@
+"""The benchmark harness (kedit_lite.bench) and the committed results chapter 9 reads."""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from kedit_lite import bench
+from kedit_lite.editing import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = sorted((ROOT / "book" / "results").glob("*.json"))
+META = ("schema", "command", "date", "model", "data", "split", "n", "platform", "cpu_count", "torch_threads",
+        "torch", "device", "methods")
+RESULT = ("method", "n", "batch_size", "n_edits", "how", "changes_weights", "adds_modules", "uses_context",
+          "before", "after", "median_seconds_per_edit", "seconds_per_request", "seconds_per_edit",
+          "eval_seconds_per_query", "peak_memory_mb", "per_case")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """FT (3 steps) and IKE (the fact alone, no demonstrations) on two lecture cases, teacher-forced only."""
+    out = tmp_path_factory.mktemp("bench") / "r.json"
+    argv = ["--method", "ft", "--method", "ike", "--data", "lecture", "--n", "2", "--no-generation",
+            "--hparams", '{"ft": {"steps": 3}, "ike": {"k": 0}}', "--json", str(out), "--markdown"]
+    results = bench.main(argv)
+    return results, json.loads(out.read_text(encoding="utf-8")), argv
+
+
+def check_layout(data):
+    """Fields chapter 9 needs are present and agree with each other."""
+    meta = data["meta"]
+    for key in META:
+        assert key in meta, f"meta lacks {key}"
+    assert meta["schema"] == bench.SCHEMA and meta["command"].startswith("python -m kedit_lite.bench")
+    assert [r["method"] for r in data["results"]] == meta["methods"]
+    for r in data["results"]:
+        for key in RESULT:
+            assert key in r, f"{r['method']} lacks {key}"
+        assert r["n"] == meta["n"] == len(r["per_case"])
+        assert r["n_edits"] == len(r["seconds_per_edit"]) == -(-r["n"] // r["batch_size"])
+        assert r["median_seconds_per_edit"] > 0 and r["eval_seconds_per_query"] > 0
+        for key, value in r["after"].items():
+            assert 0.0 <= value <= 1.0, f"{r['method']} {key}={value}"
+
+
+def test_json_fields_are_present_and_consistent(tiny_run):
+    results, data, argv = tiny_run
+    check_layout(data)
+    assert data["meta"]["n"] == 2 and data["meta"]["generation"] is False
+    assert data["meta"]["command"] == "python -m kedit_lite.bench " + shlex.join(argv)
+    by = {r["method"]: r for r in data["results"]}
+    assert by["ft"]["changes_weights"] and by["ft"]["touched_parameters"] > 0
+    assert not by["ike"]["changes_weights"] and by["ike"]["uses_context"]
+    assert by["ft"]["batch_size"] == by["ike"]["batch_size"] == 1
+    assert [c["id"] for c in by["ft"]["per_case"]] == [c["id"] for c in by["ike"]["per_case"]]
+    assert results[0]["method"] == "ft" and "reliability.gen" not in by["ft"]["after"]
+
+
+def test_markdown_table_printed(tiny_run, capsys):
+    results, _, _ = tiny_run
+    text = bench.format_table(results, markdown=True)
+    lines = text.splitlines()
+    assert lines[0] == "| metric | ft | ike |" and lines[1] == "|---|--:|--:|"
+    assert all(line.startswith("| ") and line.count("|") == 4 for line in lines[2:])
+    assert any(line.startswith("| changes weights | yes | no |") for line in lines)
+
+
+def test_plain_table_aligned():
+    fake = [{"method": m, "n": 4, "batch_size": b, "after": {"reliability.token_acc": 0.5, "locality.gen": 1.0},
+             "median_seconds_per_edit": 1.25, "peak_memory_mb": 3.0} for m, b in (("ft", 1), ("memit", 4))]
+    lines = bench.format_table(fake).splitlines()
+    assert lines[0].split() == ["metric", "ft", "memit"] and len({len(line) for line in lines}) == 1
+    assert "edits x batch" in lines[-1] and lines[-1].split()[-2:] == ["4x1", "1x4"]
+
+
+def test_default_batch_and_hparams():
+    assert bench.default_batch_size("memit", 50) == 50 and bench.default_batch_size("rome", 50) == 1
+    assert bench.hparams_for("ft", {"ft": {"steps": 3}}) == {"steps": 3} and bench.hparams_for("mend", {"ft": {}}) == {}
+    assert bench.hparams_for("rome", {"steps": 3}) == {"steps": 3}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--n", "0"], "--n: expected a positive number"),
+    (["--hparams", "{oops"], "--hparams: not valid JSON"),
+    (["--hparams", "[1]"], "--hparams: expected a JSON object"),
+    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+])
+def test_bad_arguments_error_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_committed_results_cover_every_method():
+    names = {p.name for p in COMMITTED}
+    assert {"counterfact_val.json", "lecture.json"} <= names, f"book/results holds only {sorted(names)}"
+    for path in COMMITTED:
+        data = bench.load_results(path.name)
+        check_layout(data)
+        missing = sorted(set(METHODS) - set(data["meta"]["methods"]))
+        assert not missing and not data["meta"]["failed"], f"{path.name}: no results for {missing}; rerun " \
+                                                          f"{data['meta']['command']}"
+    assert "portability.token_acc" in bench.load_results("lecture.json")["results"][0]["after"]
+
+
+def test_load_results_names_the_problem(tmp_path):
+    (tmp_path / "old.json").write_text('{"meta": {"schema": 1}, "results": []}')
+    with pytest.raises(ValueError, match="schema 1"):
+        bench.load_results("old.json", results_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="results_dir: .*missing.json does not exist"):
+        bench.load_results("missing.json", results_dir=tmp_path)

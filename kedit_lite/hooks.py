@@ -102,6 +102,26 @@ def set_at(model, module, positions, values, what="output"):
 
 
 @contextmanager
+def override_forward(modules_and_forwards):
+    """Give modules another forward for the duration, then put back exactly what was there before.
+
+    `modules_and_forwards`: [(module, make)], make(original_forward) -> new forward. An instance-level forward
+    that was already there (accelerate's device hooks install one) is restored, not deleted.
+    """
+    saved = [(module, module.__dict__.get("forward")) for module, _ in modules_and_forwards]
+    for module, make in modules_and_forwards:
+        module.forward = make(module.forward)
+    try:
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
+@contextmanager
 def replay(model, outputs):
     """Modules named in `outputs` skip their computation and return outputs[name] instead.
 
@@ -109,16 +129,7 @@ def replay(model, outputs):
     them once with `record(..., whole=True)`, replay them at every step. A value may also be a function of
     no arguments that builds the output (e.g. the recorded one plus a vector being optimised).
     """
-    mods = {name: _resolve(model, name) for name in outputs}
-    saved = {name: mod.__dict__.get("forward") for name, mod in mods.items()}  # e.g. accelerate's device hooks
-    for name, mod in mods.items():
-        value = outputs[name]
-        mod.forward = (lambda *a, value=value, **k: value()) if callable(value) else (lambda *a, value=value, **k: value)
-    try:
+    def constant(value):
+        return lambda original: (lambda *a, **k: value()) if callable(value) else (lambda *a, **k: value)
+    with override_forward([(_resolve(model, name), constant(value)) for name, value in outputs.items()]):
         yield
-    finally:
-        for name, mod in mods.items():
-            if saved[name] is None:
-                del mod.forward
-            else:
-                mod.forward = saved[name]

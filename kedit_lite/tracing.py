@@ -10,8 +10,13 @@ ROME (Meng et al. 2022, §2) runs the model three ways:
 
 The fast path is exact: restoring (t, l) cannot change positions < t (causal attention) nor anything computed
 before layer l, so it reuses the corrupted run's keys/values for positions < t and its block outputs up to
-the restore, and computes only positions >= t from the restore on. `_reference_trace` is the plain loop the
-tests and `scripts/bench_causal_trace.py` compare it with.
+the restore, and computes only positions >= t from the restore on; the last block's MLP runs on the last
+position only (the head reads nothing else), and a hidden state restored at the last layer before the last
+token is skipped (its score is `low`). `_reference_trace` is the plain loop the tests and
+`scripts/bench_causal_trace.py` compare it with.
+
+`severed_effects` is ROME's severed experiment (Fig. 7): the same restore at the last subject token while the
+MLP (or attention) outputs at the subject tokens stay corrupted.
 """
 import contextlib
 import weakref
@@ -19,12 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import device_of, embedding_matrix, get_adapter, get_module, module_name, num_layers
-from .hooks import _first, _replace_first, patch, record, set_at
+from .adapters import (cache_tensors, device_of, embedding_matrix, get_adapter, get_module, kv_cache, module_name,
+                       num_layers)
+from .hooks import _first, _replace_first, override_forward, patch, record, set_at
 from .requests import EditCase, EditError, EditRequest
 from .tokens import join, subject_token_range
 
 KINDS = ("hidden", "mlp", "attn")
+SEVER = (None, "mlp", "attn")  # severed_effects: which sublayers stay corrupted at the subject tokens
 _SIGMA = weakref.WeakKeyDictionary()  # model -> σ of its subject-token embeddings (computed once per model)
 
 
@@ -90,7 +97,7 @@ class Setup:
     high: float
     low: float
     clean: dict = field(default_factory=dict)      # module name -> (1, T, d) clean output
-    corrupt: dict = field(default_factory=dict)    # block name -> (S, T, d) corrupted block output
+    corrupt: dict = field(default_factory=dict)    # module name -> (S, T, d) corrupted output (blocks, MLPs, attn)
     cache: list = field(default_factory=list)      # per layer (keys, values) of the corrupted run
     templates: dict = field(default_factory=dict)  # block name -> that block's output structure
 
@@ -98,13 +105,6 @@ class Setup:
 def _prob(logits, answer_id):
     """Mean over rows of P(answer) at the last position (float32 softmax)."""
     return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer_id].mean().item()
-
-
-def _kv(cache):
-    """[(keys, values)] per layer of a Hugging Face cache (transformers 5 `.layers`, 4.x `key_cache`)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
 
 
 @torch.no_grad()
@@ -131,12 +131,12 @@ def prepare(model, tok, prompt, subject, samples=10, noise=3.0, seed=0, answer=N
     hooks = [get_module(model, n).register_forward_hook(lambda m, i, o, n=n: templates.setdefault(n, o))
              for n in names["hidden"]]
     try:
-        with record(model, names["hidden"]) as corrupt:
+        with record(model, names["hidden"] + names["mlp"] + names["attn"]) as corrupt:
             out = model(inputs_embeds=noisy, use_cache=need_cache)
     finally:
         for h in hooks:
             h.remove()
-    cache = _kv(out.past_key_values) if need_cache else []
+    cache = cache_tensors(out.past_key_values) if need_cache else []
     return Setup(ids, (first, end), answer_id, embeds, noisy, high, _prob(out.logits, answer_id), dict(clean),
                  dict(corrupt), cache, templates)
 
@@ -172,16 +172,9 @@ def _prefix_cache(model, s, t, repeats):
     """A fresh cache with the corrupted run's keys/values for positions < t, layer j repeated `repeats[j]` times."""
     if t == 0:
         return None
-    from transformers import DynamicCache
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        cache = DynamicCache()
-    for layer, (k, v) in enumerate(s.cache):
-        # A layer no row reaches still needs a non-empty entry: the mask reads the prefix length from the cache.
-        n = max(repeats[layer], 1)
-        cache.update(k[..., :t, :].repeat(n, 1, 1, 1), v[..., :t, :].repeat(n, 1, 1, 1), layer)
-    return cache
+    # A layer no row reaches still needs a non-empty entry: the mask reads the prefix length from the cache.
+    return kv_cache(model, [(k[..., :t, :].repeat(max(n, 1), 1, 1, 1), v[..., :t, :].repeat(max(n, 1), 1, 1, 1))
+                            for (k, v), n in zip(s.cache, repeats)])
 
 
 def _rows(x, n, batch):
@@ -198,37 +191,65 @@ def _growing_blocks(model, s, starts, n_active):
     """Block j computes only its first n_active[j] rows; the others pass on `starts` (their input when they join).
 
     Rows are sorted by the block where their restore begins, so the rows active at block j are a prefix, and
-    everything before a row's start is the corrupted run's, which is not recomputed.
+    everything before a row's start is the corrupted run's, which is not recomputed. The rows travel in one
+    buffer that each block overwrites in place for its active rows (no per-block concatenation).
     """
     blocks = get_module(model, get_adapter(model).layers)
     names = _sites(model, "hidden")
-    batch = starts.shape[0]
+    batch, buffer = starts.shape[0], starts.clone()
 
     def wrap(j, original, template):
         def forward(*args, **kwargs):
             n = n_active[j]
             if n == 0:
-                return _replace_first(template, starts)
+                return _replace_first(template, buffer)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             args = (hidden[:n],) + tuple(_rows(a, n, batch) for a in args[1:])
             out = original(*args, **{k: _rows(v, n, batch) for k, v in kwargs.items()})
-            return out if n == batch else _replace_first(out, torch.cat([_first(out), starts[n:]]))
+            if n == batch:
+                return out
+            buffer[:n] = _first(out)
+            return _replace_first(out, buffer)
         return forward
-    for j, block in enumerate(blocks):
-        block.forward = wrap(j, block.forward, s.templates[names[j]])
-    try:
+    with override_forward([(block, lambda original, j=j: wrap(j, original, s.templates[names[j]]))
+                           for j, block in enumerate(blocks)]):
         yield
-    finally:
-        for block in blocks:
-            del block.forward
+
+
+def _freeze(values, samples):
+    """Patch function: the first positions of each row get `values` (S, k, d), the corrupted run's, row by sample."""
+    def fn(x):
+        if values.shape[1] == 0:  # the subject lies entirely before the computed positions
+            return x
+        x = x.clone()
+        x[:, :values.shape[1]] = values.repeat(x.shape[0] // samples, 1, 1).to(x.dtype)
+        return x
+    return fn
+
+
+@contextlib.contextmanager
+def _last_position_only(mlp):
+    """The last block's MLP computes the last position only: the head reads nothing else, and an MLP is per position.
+
+    (The other positions get zeros; nothing downstream reads them.)
+    """
+    def make(original):
+        def forward(hidden, *args, **kwargs):
+            out = torch.zeros_like(hidden)
+            out[:, -1:] = original(hidden[:, -1:].contiguous(), *args, **kwargs)  # strided: one slow product per row
+            return out
+        return forward
+    with override_forward([(mlp, make)]):
+        yield
 
 
 @torch.no_grad()
-def _restore_token(model, s, kind, t, layers, window):
+def _restore_token(model, s, kind, t, layers, window, frozen=()):
     """P(answer) for restores at token t and each layer in `layers`, in ONE forward of len(layers) x S rows.
 
     Only positions >= t are computed (positions < t come from the corrupted run's cached keys/values), and
-    each layer's rows join at the block where their restore begins.
+    each layer's rows join at the block where their restore begins. Modules named in `frozen` keep their
+    corrupted-run outputs at the subject tokens (the severed experiment).
     """
     n_layers, samples = num_layers(model), s.noisy.shape[0]
     blocks, names = _sites(model, "hidden"), _sites(model, kind)
@@ -258,14 +279,21 @@ def _restore_token(model, s, kind, t, layers, window):
                 x[rows[:x.shape[0]], 0] = value.to(x.dtype)
                 return x
             stack.enter_context(patch(model, names[j], fn))
+        for name in frozen:
+            stack.enter_context(patch(model, name, _freeze(s.corrupt[name][:, t:s.subject_range[1]], samples)))
         stack.enter_context(_growing_blocks(model, s, starts, n_active))
-        out = model(inputs_embeds=s.noisy[:, t:].repeat(len(layers), 1, 1), use_cache=True, logits_to_keep=1,
+        stack.enter_context(_last_position_only(get_module(model, module_name(model, "mlp", n_layers - 1))))
+        # The head reads the last position only; a contiguous copy keeps it one matrix product (a strided
+        # slice makes torch fall back to one matrix-vector product per row, ten times slower).
+        stack.enter_context(patch(model, module_name(model, "lm_head"), torch.Tensor.contiguous, what="input"))
+        # Rows joining at block 0 read the noisy embeddings, which are their `starts`; the others ignore theirs.
+        out = model(inputs_embeds=starts, use_cache=True, logits_to_keep=1,
                     past_key_values=_prefix_cache(model, s, t, groups_active))
-    probs = torch.softmax(out.logits[:, -1].float(), dim=-1)[:, s.answer_id]
+    probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, s.answer_id].exp()
     return probs.view(len(layers), samples).mean(1).cpu()
 
 
-def _fast_grid(model, s, kind, window, tokens, max_rows=512):
+def _fast_grid(model, s, kind, window, tokens, max_rows=512, frozen=()):
     """Scores for the token rows in `tokens` (others NaN); rows before the subject equal `low` exactly."""
     n_tokens, n_layers = s.ids.shape[1], num_layers(model)
     scores = torch.full((n_tokens, n_layers), float("nan"))
@@ -274,9 +302,13 @@ def _fast_grid(model, s, kind, window, tokens, max_rows=512):
         if t < s.subject_range[0]:  # before the subject the clean and corrupted runs agree: nothing to restore
             scores[t] = s.low
             continue
-        for first in range(0, n_layers, per_forward):
-            layers = list(range(first, min(n_layers, first + per_forward)))
-            scores[t, layers] = _restore_token(model, s, kind, t, layers, window)
+        todo = list(range(n_layers))
+        if kind == "hidden" and t < n_tokens - 1:  # the last block's output at t never reaches the last position
+            scores[t, -1] = s.low
+            todo = todo[:-1]
+        for first in range(0, len(todo), per_forward):
+            layers = todo[first:first + per_forward]
+            scores[t, layers] = _restore_token(model, s, kind, t, layers, window, frozen)
     return scores
 
 
@@ -383,6 +415,8 @@ def known_facts(model, tok, sources=("lecture", "counterfact"), n=None, counterf
     tok.padding_side = "left"
     try:
         for i in range(0, len(candidates), batch_size):
+            if n is not None and len(known) >= n:  # enough: later candidates cannot change the first n
+                break
             chunk = candidates[i:i + batch_size]
             batch = tok([f["prompt"] for f in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = {k: v.to(device_of(model)) for k, v in batch.items()}
@@ -416,6 +450,23 @@ def average_effects(model, tok, facts, kind="mlp", position="last_subject", samp
         rows.append(_fast_grid(model, s, kind, window, [t])[t] - s.low)
     per_fact = torch.stack(rows)
     return per_fact.mean(0), per_fact
+
+
+@torch.no_grad()
+def severed_effects(model, tok, prompt, subject, sever="mlp", samples=10, noise=3.0, seed=0, answer=None):
+    """Indirect effect by layer at the last subject token with the MLPs or attention severed (chapter 4; ROME Fig. 7).
+
+    Restores the clean hidden state at (last subject token, layer l) while every MLP (`sever="mlp"`) or attention
+    (`sever="attn"`) output at the subject tokens keeps its corrupted-run value, so the sublayers after l cannot
+    help; `sever=None` is the plain hidden-state row. Returns a tensor (n_layers,) of scores - low.
+    """
+    if sever not in SEVER:
+        raise EditError(f"sever: expected None, 'mlp' or 'attn' (the sublayers kept corrupted), got {sever!r}")
+    _check(prompt, subject, "hidden", samples, 1, noise, answer)
+    s = prepare(model, tok, prompt, subject, samples, noise, seed, answer)
+    t = s.subject_range[1] - 1
+    frozen = () if sever is None else _sites(model, sever)
+    return _fast_grid(model, s, "hidden", 1, [t], frozen=frozen)[t] - s.low
 
 
 @dataclass

@@ -5,7 +5,8 @@
 
 Prints the reference loop's wall time, the fast trace's, the speed-up, the max abs difference of the two
 probability grids, and the time of a full three-kind fast trace. Timings on a shared CPU are noisy: the load
-average is printed alongside.
+average is printed alongside, and so is the process CPU time, which with `--threads 1` hardly depends on what
+else runs on the machine (with more threads it also counts threads waiting for each other).
 """
 import argparse
 import os
@@ -18,9 +19,10 @@ from kedit_lite import tracing as ct
 
 
 def timed(fn):
-    start = time.perf_counter()
+    """(result, wall seconds, process CPU seconds) of fn()."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main():
@@ -33,7 +35,10 @@ def main():
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference loop")
     parser.add_argument("--no-three-kinds", action="store_true", help="skip the three-kind timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model, tok = ke.load_model(args.model)
     n_tokens = len(tok(args.prompt, add_special_tokens=False).input_ids)
     print(f"model={ke.models.model_name(model)} device={next(model.parameters()).device} "
@@ -42,22 +47,22 @@ def main():
           f"samples={args.samples} window={args.window} layers={ke.num_layers(model)}")
     kw = dict(kind=args.kind, samples=args.samples, window=args.window, seed=0)
     ct.embedding_std(model, tok)  # σ is computed once per model; keep it out of both timings
-    fast, t_fast = timed(lambda: ke.causal_trace(model, tok, args.prompt, subject=args.subject, **kw))
-    print(f"fast trace:      {t_fast:8.1f} s   answer={fast.answer!r} low={fast.low:.4f} high={fast.high:.4f}",
-          flush=True)
+    fast, t_fast, c_fast = timed(lambda: ke.causal_trace(model, tok, args.prompt, subject=args.subject, **kw))
+    print(f"fast trace:      {t_fast:8.1f} s   (cpu {c_fast:.1f} s)   answer={fast.answer!r} low={fast.low:.4f} "
+          f"high={fast.high:.4f}   load_avg={os.getloadavg()[0]:.1f}", flush=True)
     if not args.no_reference:
-        ref, t_ref = timed(lambda: ct._reference_trace(model, tok, args.prompt, args.subject, **kw))
+        ref, t_ref, c_ref = timed(lambda: ct._reference_trace(model, tok, args.prompt, args.subject, **kw))
         diff = (fast.scores - ref.scores).abs().max().item()
-        print(f"reference loop:  {t_ref:8.1f} s   ({t_ref / ref.scores.numel():.2f} s per state)")
-        print(f"speed-up:        {t_ref / t_fast:8.1f} x   max |fast - reference| = {diff:.2e}   "
-              f"load_avg={os.getloadavg()[0]:.1f}", flush=True)
+        print(f"reference loop:  {t_ref:8.1f} s   (cpu {c_ref:.1f} s; {t_ref / ref.scores.numel():.2f} s per state)")
+        print(f"speed-up:        {t_ref / t_fast:8.1f} x   (cpu {c_ref / c_fast:.1f} x)   max |fast - reference| = "
+              f"{diff:.2e}   load_avg={os.getloadavg()[0]:.1f}", flush=True)
     if not args.no_three_kinds:
         total = 0.0
         for kind in ct.KINDS:
-            _, seconds = timed(lambda: ke.causal_trace(model, tok, args.prompt, subject=args.subject, kind=kind,
-                                                       samples=args.samples, window=args.window))
+            _, seconds, cpu = timed(lambda: ke.causal_trace(model, tok, args.prompt, subject=args.subject, kind=kind,
+                                                            samples=args.samples, window=args.window))
             total += seconds
-            print(f"  {kind:6s} trace:  {seconds:8.1f} s", flush=True)
+            print(f"  {kind:6s} trace:  {seconds:8.1f} s   (cpu {cpu:.1f} s)", flush=True)
         print(f"three kinds:     {total:8.1f} s   load_avg={os.getloadavg()[0]:.1f}")
 
 

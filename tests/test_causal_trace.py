@@ -1,4 +1,6 @@
 """Causal tracing (chapter 4): the fast trace equals the plain reference loop, validation, seeding, windows."""
+import contextlib
+
 import pytest
 import torch
 
@@ -28,6 +30,23 @@ def test_fast_matches_reference_on_tiny_models(tiny_model, tok, kind):
     first, _ = fast.subject_range
     assert fast.scores[first:].std() > 0, "restores after the subject start must change something"
     assert torch.allclose(fast.scores[:first], torch.full_like(fast.scores[:first], fast.low), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ct.KINDS)
+def test_fast_matches_reference_on_every_family(tiny, tok, kind):
+    """GPT-2, GPT-J, GPT-NeoX, Llama, Qwen2, Mistral: the cache reuse, growing rows and trimmed last MLP are exact."""
+    ref = ct._reference_trace(tiny, tok, TINY_PROMPT, "Space Needle", kind, samples=2, window=2)
+    fast = ke.causal_trace(tiny, tok, TINY_PROMPT, subject="Space Needle", kind=kind, samples=2, window=2)
+    assert torch.allclose(fast.scores, ref.scores, rtol=1e-4, atol=1e-9)
+    assert not any("forward" in vars(m) for m in tiny.modules())  # every temporary forward is removed
+
+
+def test_hidden_restore_at_last_layer_before_last_token_is_low(tiny_model, tok):
+    """Skipped without computing: the last block's output at t < T-1 never reaches the last position."""
+    ref = ct._reference_trace(tiny_model, tok, TINY_PROMPT, "Space Needle", "hidden", samples=2, tokens=[5, 6])
+    fast = ke.causal_trace(tiny_model, tok, TINY_PROMPT, subject="Space Needle", samples=2, tokens=[5, 6])
+    assert fast.scores[5, -1].item() == fast.low and fast.scores[6, -1].item() == fast.low
+    assert ref.scores[5:7, -1].tolist() == pytest.approx([ref.low] * 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ct.KINDS)
@@ -158,6 +177,7 @@ def test_average_effects_and_suggest_layer_on_given_facts(tiny_model, tok):
 def test_known_facts_are_known(smol):
     model, tok = smol
     facts = ct.known_facts(model, tok, sources=("lecture",))
+    assert ct.known_facts(model, tok, sources=("lecture",), n=3, batch_size=2) == facts[:3]  # stops early, same facts
     subjects = {f["subject"] for f in facts}
     assert "The Eiffel Tower" in subjects and "The Space Needle" not in subjects  # it says New York
     for f in facts[:5]:
@@ -173,3 +193,65 @@ def test_explorer_logic_and_widget(smol):
     assert none is None and message.startswith("subject:")
     box = ct.explorer(model, tok)
     assert type(box).__name__ == "VBox"
+
+
+# ------------------------------------------------------------------ severed experiment (ROME Fig. 7)
+
+def _plain_severed(model, tok, prompt, subject, sever, samples):
+    """The severed experiment the plain way: one full forward per layer, every sublayer at the subject frozen."""
+    from kedit_lite.hooks import patch, set_at
+    s = ct.prepare(model, tok, prompt, subject, samples, need_cache=False)
+    first, end = s.subject_range
+    blocks, out = ct._sites(model, "hidden"), []
+    for layer, block in enumerate(blocks):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(set_at(model, block, end - 1, s.clean[block][0, end - 1]))
+            for name in ct._sites(model, sever) if sever else []:
+                def freeze(x, value=s.corrupt[name]):
+                    x = x.clone()
+                    x[:, first:end] = value[:, first:end]
+                    return x
+                stack.enter_context(patch(model, name, freeze))
+            out.append(ct._prob(model(inputs_embeds=s.noisy).logits, s.answer_id))
+    return torch.tensor(out) - s.low
+
+
+@pytest.mark.parametrize("sever", ["mlp", "attn"])
+def test_severed_matches_plain_loop(tiny, tok, sever):
+    got = ct.severed_effects(tiny, tok, TINY_PROMPT, "Space Needle", sever=sever, samples=2)
+    want = _plain_severed(tiny, tok, TINY_PROMPT, "Space Needle", sever, 2)
+    assert got.shape == (ke.num_layers(tiny),)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_severed_none_is_the_hidden_trace_row(tiny_model, tok):
+    t = 6  # Hello | there | , | The | Space | Need | le | is | in: "le" is the last subject token
+    row = ke.causal_trace(tiny_model, tok, TINY_PROMPT, subject="Space Needle", samples=3, tokens=[t])
+    assert row.subject_range[1] - 1 == t
+    plain = ct.severed_effects(tiny_model, tok, TINY_PROMPT, "Space Needle", sever=None, samples=3)
+    assert plain.shape == (3,) and torch.equal(plain, row.effects[t])
+    severed = ct.severed_effects(tiny_model, tok, TINY_PROMPT, "Space Needle", sever="mlp", samples=3)
+    assert not torch.equal(severed, plain)
+    assert severed[-1] == plain[-1] == 0  # the last block's output at t < T-1 never reaches the answer
+
+
+def test_severed_on_smollm2_matches_plain_loop_and_leaves_model_alone(smol):
+    model, tok = smol
+    saved = snapshot(model)
+    prompt, subject = "The Eiffel Tower is in", "The Eiffel Tower"
+    got = ct.severed_effects(model, tok, prompt, subject, sever="mlp", samples=2)
+    want = _plain_severed(model, tok, prompt, subject, "mlp", 2)
+    assert (got - want).abs().max() <= 1e-4
+    assert_same_weights(model, saved)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(sever="residual"), "sever: expected None, 'mlp' or 'attn'"),
+                                            (dict(sever="MLP"), "sever: expected"),
+                                            (dict(subject="Eiffel"), "subject: 'Eiffel' does not occur"),
+                                            (dict(samples=0), "samples: expected a positive integer")])
+def test_severed_bad_inputs(tiny_model, tok, kwargs, message):
+    args = dict(prompt=PROMPT, subject=SUBJECT, samples=1)
+    args.update(kwargs)
+    with pytest.raises(EditError, match=message):
+        ct.severed_effects(tiny_model, tok, **args)

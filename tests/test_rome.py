@@ -22,12 +22,13 @@ def _texts():
 FAST = dict(mom2_source=_texts(), mom2_n_tokens=2000, n_prefixes=2, steps=10)
 
 
-def _kkt_solution(W, C, k, v):
-    """min ‖(Ŵ − W) K‖² s.t. Ŵk = v, row by row, by solving the KKT system [[2C, k], [kᵀ, 0]] [ŵ; μ] = [2Cw; v]."""
-    d = C.shape[0]
-    A = torch.zeros(d + 1, d + 1, dtype=C.dtype)
-    A[:d, :d], A[:d, d], A[d, :d] = 2 * C, k, k
-    rhs = torch.cat([2 * C @ W.T, v[None, :]], dim=0)          # one column per output row of W
+def _kkt_solution(W, C, K, V):
+    """min ‖(Ŵ − W) keys‖² s.t. ŴK = V, row by row: solve [[2C, K], [Kᵀ, 0]] [ŵ; μ] = [2Cw; v] (K: one key or columns)."""
+    K, V = (K[:, None], V[:, None]) if K.dim() == 1 else (K, V)
+    d, m = C.shape[0], K.shape[1]
+    A = torch.zeros(d + m, d + m, dtype=C.dtype)
+    A[:d, :d], A[:d, d:], A[d:, :d] = 2 * C, K, K.T
+    rhs = torch.cat([2 * C @ W.T, V.T], dim=0)                 # one column per output row of W
     return torch.linalg.solve(A, rhs)[:d].T
 
 
@@ -130,11 +131,7 @@ def test_constrained_update_generalises_rank_one():
     W_hat = W + rome.constrained_update(W, C, K, V)
     assert torch.allclose(W_hat @ K, V, atol=1e-10)
     assert torch.linalg.matrix_rank(W_hat - W) == 2
-    # KKT of min ‖(Ŵ − W) keys‖² s.t. ŴK = V, row by row
-    A = torch.zeros(d_k + 2, d_k + 2, dtype=torch.float64)
-    A[:d_k, :d_k], A[:d_k, d_k:], A[d_k:, :d_k] = 2 * C, K, K.T
-    kkt = torch.linalg.solve(A, torch.cat([2 * C @ W.T, V.T], 0))[:d_k].T
-    assert torch.allclose(W_hat, kkt, atol=1e-9)
+    assert torch.allclose(W_hat, _kkt_solution(W, C, K, V), atol=1e-9)
     k, v = K[:, 0], V[:, 0]
     assert torch.allclose(rome.constrained_update(W, C, k[:, None], v[:, None]), rome.rank_one_update(W, C, k, v),
                           atol=1e-10)

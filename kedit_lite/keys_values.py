@@ -25,7 +25,9 @@ def context_prefixes(model, tok, n=4, length=5, seed=0):
     if key in _PREFIX_CACHE:
         return _PREFIX_CACHE[key]
     device = next(model.parameters()).device
-    starts = [tok(_PREFIX_STARTS[i % len(_PREFIX_STARTS)], add_special_tokens=False).input_ids[:1] for i in range(n)]
+    lead = document_start(tok)
+    starts = [lead + tok(_PREFIX_STARTS[i % len(_PREFIX_STARTS)], add_special_tokens=False).input_ids[:1]
+              for i in range(n)]
     prefixes = [""]
     if n > 0:
         ids = torch.tensor(starts, device=device)
@@ -34,12 +36,23 @@ def context_prefixes(model, tok, n=4, length=5, seed=0):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
                                  max_new_tokens=length, min_new_tokens=length, pad_token_id=tok.pad_token_id,
                                  top_p=None, temperature=None)
-        for row in tok.batch_decode(out, skip_special_tokens=True):
+        for row in tok.batch_decode(out[:, len(lead):], skip_special_tokens=True):
             # braces would be read as template slots; newlines would make the prefix a separate document
             text = " ".join(row.replace("{", " ").replace("}", " ").split()).rstrip(".")
             prefixes.append(text or "The")
     _PREFIX_CACHE[key] = prefixes
     return prefixes
+
+
+def document_start(tok):
+    """[id] of the token that starts a document in pretraining ('<|endoftext|>', else BOS), or [] if none.
+
+    Without it a sampled prefix starts mid-document: SmolLM2 then writes 'The-the-key-' instead of a sentence.
+    """
+    doc = tok.get_vocab().get("<|endoftext|>")
+    if doc is not None:
+        return [doc]
+    return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
 
 def encode_in_context(tok, prefix, text, subject):

@@ -57,13 +57,13 @@ def touched_parameters(model, requests, layers=None, mom2_update_weight=200.0, *
 
 def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
           clamp_factor=4.0, n_prefixes=2, prefix_len=5, mom2_update_weight=200.0, mom2_n_tokens=DEFAULT_N_TOKENS,
-          mom2_source="sample", mom2_adjustment=True, bare_key=True, chunk=16, progress=False):
+          mom2_source="sample", mom2_adjustment=True, bare_key=True, stop_loss=5e-2, chunk=16, progress=False):
     """Write all requests into the layers' down projections in one batched update per layer."""
     layers = _layers(model, layers)
     touched_parameters(model, requests, layers, mom2_update_weight, steps=steps, lr=lr, kl_factor=kl_factor,
                        weight_decay=weight_decay, clamp_factor=clamp_factor, n_prefixes=n_prefixes,
                        prefix_len=prefix_len, mom2_n_tokens=mom2_n_tokens, mom2_source=mom2_source,
-                       mom2_adjustment=mom2_adjustment, bare_key=bare_key)
+                       mom2_adjustment=mom2_adjustment, bare_key=bare_key, stop_loss=stop_loss)
     _positive("chunk", chunk, integer=True)
     last = layers[-1]
     prefixes = context_prefixes(model, tok, n_prefixes, prefix_len)
@@ -71,7 +71,7 @@ def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625,
         mom2 = second_moments(model, tok, layers, n_tokens=mom2_n_tokens, source=mom2_source, progress=progress)
     residual = {"z": (module_name(model, "layer", last), "output")}
     deltas, history = compute_deltas(model, tok, requests, last, prefixes, steps, lr, kl_factor, weight_decay,
-                                     clamp_factor, chunk=chunk)
+                                     clamp_factor, stop_loss, chunk=chunk)
     contexts = [prefixes] + ([[""]] if bare_key else [])     # key rows per fact: averaged (+ the bare prompt's)
     z_target = torch.cat([read_at_subject(model, tok, requests, c, residual)["z"] + deltas for c in contexts])
     info = {"layers": layers, "prefixes": prefixes, "losses": history, "update_norm": {}, "residual_norm": {}}

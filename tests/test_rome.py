@@ -194,6 +194,7 @@ BAD = [
     (dict(consistent_keys="yes"), "consistent_keys: expected True or False"),
     (dict(bare_key=1), "bare_key: expected True or False"),
     (dict(n_prefixes=1.5), "n_prefixes: expected a non-negative integer"),
+    (dict(stop_loss=-0.1), "stop_loss: expected a non-negative"),
     (dict(learning_rate=0.1), r"hparams: unknown option\(s\) \['learning_rate'\]"),
 ]
 
@@ -248,3 +249,25 @@ def test_cached_prefix_logits_equal_full_forward(tiny, tok):
     ref_tgt, ref_kl = _full_forward_logits(model, tok, raw, deltas, layer)
     assert (tgt - ref_tgt).abs().max() < 1e-4
     assert (kl - ref_kl).abs().max() < 1e-4
+
+
+def test_prefixes_start_at_a_document_boundary(smol, tok):
+    """Context templates are sampled after <|endoftext|>: whole words, not a continuation of a bare 'The'."""
+    model, _ = smol
+    assert keys_values.document_start(tok) == [tok.get_vocab()["<|endoftext|>"]]
+    prefixes = keys_values.context_prefixes(model, tok, n=4, length=5, seed=0)
+    assert prefixes[0] == "" and len(prefixes) == 5
+    for start, prefix in zip(keys_values._PREFIX_STARTS, prefixes[1:]):
+        # without the separator SmolLM2 glued hyphens onto the start word ("The-the-key-", "I-1012")
+        assert prefix.startswith(start) and prefix[len(start)] != "-", prefixes
+    assert keys_values.context_prefixes(model, tok, n=4, length=5, seed=0) is prefixes   # generated once
+
+
+def test_document_start_falls_back_to_bos():
+    class Tok:
+        bos_token_id = 7
+        def get_vocab(self):
+            return {"a": 0}
+    assert keys_values.document_start(Tok()) == [7]
+    Tok.bos_token_id = None
+    assert keys_values.document_start(Tok()) == []

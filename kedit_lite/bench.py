@@ -56,8 +56,10 @@ def hparams_for(method, hparams):
 
 
 def _prompts_scored(scores):
-    """Prompts one evaluate() call ran through the model: every probe, plus the two of P(new) > P(true)."""
-    return sum(len(rows) for rows in scores["details"].values()) + 2 * ("prob_wins" in scores["reliability"])
+    """Prompts one evaluate() call ran through the model: every probe, plus P(true) on the edit prompt and paraphrases."""
+    details = scores["details"]
+    return sum(len(rows) for rows in details.values()) + sum(len(details[k]) for k in ("reliability", "paraphrase")
+                                                            if "prob_wins" in scores.get(k, {}))
 
 
 def score_before(model, tok, cases, generation=True):

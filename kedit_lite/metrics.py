@@ -110,11 +110,16 @@ def evaluate(model, tok, case, before=None, context="", generation=True, max_new
         scores[kind] = {"token_acc": sum(r["token_acc"] for r in rows) / len(rows)}
         if generation:
             scores[kind]["gen"] = sum(r["gen"] for r in rows) / len(rows)
-    if case.request.target_true:
-        req = case.request
-        new, true = teacher_forced(model, tok, [context + req.prompt_text] * 2, [req.target_new, req.target_true])
-        scores["reliability"]["prob_wins"] = float(new["logprob"] > true["logprob"])
-        details["reliability"][0]["logprob_true"] = true["logprob"]
+    if case.request.target_true:  # P(new) > P(true): CounterFact's efficacy and paraphrase scores (ROME's ES, PS)
+        for kind in ("reliability", "paraphrase"):
+            rows = details.get(kind, [])
+            if not rows:
+                continue
+            prompts = [context + r["prompt"] for r in rows]
+            true = teacher_forced(model, tok, prompts, [case.request.target_true] * len(rows))
+            for row, t in zip(rows, true):
+                row["logprob_true"] = t["logprob"]
+            scores[kind]["prob_wins"] = sum(r["logprob"] > t["logprob"] for r, t in zip(rows, true)) / len(rows)
     scores["details"] = details
     return scores
 

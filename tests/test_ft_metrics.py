@@ -89,3 +89,24 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert out.exists() and results[0]["n"] == 2 and results[0]["median_seconds_per_edit"] > 0
     with pytest.raises(SystemExit):
         bench.main(["--method", "nope"])
+
+
+def test_prob_wins_on_edit_prompt_and_paraphrases(smol):
+    """CounterFact's efficacy/paraphrase scores: share of prompts where P(new) > P(true), from the same log-probs."""
+    model, tok = smol
+    case = ke.lecture_case("space-needle-taipei")
+    scores = ke.evaluate(model, tok, case, generation=False)
+    for kind in ("reliability", "paraphrase"):
+        rows = scores["details"][kind]
+        true = metrics.teacher_forced(model, tok, [r["prompt"] for r in rows], [case.request.target_true] * len(rows))
+        assert [r["logprob_true"] for r in rows] == pytest.approx([t["logprob"] for t in true], abs=1e-5)
+        wins = sum(r["logprob"] > t["logprob"] for r, t in zip(rows, true)) / len(rows)
+        assert scores[kind]["prob_wins"] == wins
+    assert scores["paraphrase"]["prob_wins"] < 0.5          # before the edit the model prefers Seattle ...
+    res = ke.edit(model, tok, case.request, method="rome")
+    after = res.evaluate(model, tok, case, generation=False)
+    res.undo()
+    assert after["paraphrase"]["prob_wins"] > scores["paraphrase"]["prob_wins"]   # ... after it, Taipei more often
+    no_true = ke.evaluate(model, tok, dict(prompt=case.request.prompt, subject=case.request.subject,
+                                           target_new="Taipei"), generation=False)
+    assert "prob_wins" not in no_true["reliability"]

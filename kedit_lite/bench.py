@@ -56,10 +56,8 @@ def hparams_for(method, hparams):
 
 
 def _prompts_scored(scores):
-    """Prompts one evaluate() call ran through the model: every probe, plus P(true) on the edit prompt and paraphrases."""
-    details = scores["details"]
-    return sum(len(rows) for rows in details.values()) + sum(len(details[k]) for k in ("reliability", "paraphrase")
-                                                            if "prob_wins" in scores.get(k, {}))
+    """Prompts one evaluate() call ran through the model: every probe, plus each P(true) it was compared with."""
+    return sum(len(rows) + sum("logprob_true" in r for r in rows) for rows in scores["details"].values())
 
 
 def score_before(model, tok, cases, generation=True):

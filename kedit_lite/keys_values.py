@@ -6,6 +6,10 @@
 - v*: the output we want there instead. We optimise a vector δ added to the down projection's output at the
   subject's last token until the target becomes likely after every prefix, while a KL term on
   "{subject} is a" keeps the subject's other properties, and weight decay plus a norm clamp keep δ small.
+- Relation-free wordings (our addition, chapter 5): the target must also follow a few sentences that name the
+  subject but no relation ("{subject} is associated with"). ROME's prefixes vary the text *before* the subject;
+  these vary what comes *after* it, so δ says "the subject goes with the target" rather than "after this one
+  relation phrase, say the target". Pass `wordings=()` for ROME's published objective.
 """
 import torch
 
@@ -14,6 +18,9 @@ from .hooks import _first, _replace_first, record, replay
 from .tokens import join, pad_right, subject_last_index
 
 _PREFIX_CACHE = {}
+# Sentences that name the subject ({}) and leave the next word open, whatever the relation. Measured on 30
+# CounterFact cases (chapter 5): paraphrase token accuracy 0.42 -> 0.76 with these three; five were no better.
+ASSOCIATION_WORDINGS = ("{} is associated with", "The word most associated with {} is", "{}:")
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "However", "She"]
 
 
@@ -142,13 +149,15 @@ def compute_keys(model, tok, requests, layers, prefixes):
     return read_at_subject(model, tok, requests, prefixes, reads)
 
 
-def _value_batch(tok, requests, prefixes):
-    """Rows for v*: every prefix + prompt + target (teacher forced), then one '{subject} is a' row per request."""
+def _value_batch(tok, requests, prefixes, wordings=()):
+    """Rows for v* (teacher forced): every prefix + prompt + target, each bare wording + target, then one
+    '{subject} is a' row per request for the KL term."""
     rows, subj_pos, owner, tgt_row, tgt_owner, tgt_pos, tgt_ids = [], [], [], [], [], [], []
     for j, r in enumerate(requests):
-        target = tok(join(r.prompt_text, r.target_new), add_special_tokens=False).input_ids
-        for p in prefixes:
-            ids, pos = encode_in_context(tok, p, r.prompt_text, r.subject)
+        texts = [(p, r.prompt_text) for p in prefixes] + [("", w.replace("{}", r.subject)) for w in wordings]
+        for p, text in texts:
+            target = tok(join(text, r.target_new), add_special_tokens=False).input_ids
+            ids, pos = encode_in_context(tok, p, text, r.subject)
             for t, token in enumerate(target):
                 tgt_row.append(len(rows))
                 tgt_owner.append(j)
@@ -245,23 +254,26 @@ def _logits_at(model, batch, deltas):
 
 
 def compute_deltas(model, tok, requests, layer, prefixes, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
-                   clamp_factor=4.0, stop_loss=5e-2, chunk=16):
-    """δ per request (n, d_model) at the mlp_out output of `layer`, so v* = v_old + δ; plus per-chunk losses."""
+                   clamp_factor=4.0, stop_loss=5e-2, chunk=16, wordings=()):
+    """δ per request (n, d_model) at the mlp_out output of `layer`, so v* = v_old + δ; plus per-chunk losses.
+
+    `wordings`: extra relation-free sentences ('{}' = the subject) the target must follow too (see above).
+    """
     device = next(model.parameters()).device
     deltas, history = [], []
     for start in range(0, len(requests), chunk):
         d, h = _optimise_chunk(model, tok, requests[start:start + chunk], layer, prefixes, steps, lr, kl_factor,
-                               weight_decay, clamp_factor, stop_loss, device)
+                               weight_decay, clamp_factor, stop_loss, device, wordings)
         deltas.append(d)
         history.append(h)
     return torch.cat(deltas), history
 
 
 def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor, weight_decay, clamp_factor,
-                    stop_loss, device):
+                    stop_loss, device, wordings=()):
     """Adam on δ for a few requests at once (their losses are independent: each δ sits in its own rows)."""
     n = len(requests)
-    batch = _split_at_subject(model, tok, _value_batch(tok, requests, prefixes), layer, device)
+    batch = _split_at_subject(model, tok, _value_batch(tok, requests, prefixes, wordings), layer, device)
     mlp_out_path = module_name(model, "mlp_out", layer)
     # v_old, the value already stored at the subject: its norm scales the weight decay and the clamp
     v_old = read_at_subject(model, tok, requests, prefixes, {"v": (mlp_out_path, "output")})["v"]

@@ -11,11 +11,14 @@ Many facts in one update, spread over a range of MLP layers R = [l₁ … l_L]:
 `bare_key=True` (default) adds, per fact, the key of the bare prompt as one more row of K with the same residual
 (see rome.py: when the prompt starts with the subject, that key differs from the subject's key in context); on 20
 CounterFact facts in one batch it raised reliability from 0.90 to 0.95 and paraphrase from 0.38 to 0.47.
+v* uses ROME's relation-free `wordings` too (keys_values.ASSOCIATION_WORDINGS). On one batch of 100 CounterFact
+facts (token accuracy, reliability / paraphrase / locality): without them and λ = 200, 0.97 / 0.41 / 0.88; with them,
+λ = 200: 0.98 / 0.66 / 0.81; λ = 500: 0.99 / 0.66 / 0.84; λ = 1500 (the default): 0.99 / 0.65 / 0.86.
 """
 import torch
 
 from .adapters import as_out_in, check_layer, get_module, mlp_out_weight_name, module_name, num_layers
-from .keys_values import compute_deltas, context_prefixes, read_at_subject
+from .keys_values import ASSOCIATION_WORDINGS, compute_deltas, context_prefixes, read_at_subject
 from .requests import EditError
 from .rome import _positive, check_hparams, default_layer
 from .stats import DEFAULT_N_TOKENS, second_moments
@@ -46,7 +49,7 @@ def _layers(model, layers):
     return sorted(layers)
 
 
-def touched_parameters(model, requests, layers=None, mom2_update_weight=200.0, **hparams):
+def touched_parameters(model, requests, layers=None, mom2_update_weight=1500.0, **hparams):
     """MEMIT changes the MLP down projection of every layer in the range."""
     check_hparams(**hparams)
     if not (isinstance(mom2_update_weight, (int, float)) and not isinstance(mom2_update_weight, bool)
@@ -56,14 +59,15 @@ def touched_parameters(model, requests, layers=None, mom2_update_weight=200.0, *
 
 
 def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
-          clamp_factor=4.0, n_prefixes=2, prefix_len=5, mom2_update_weight=200.0, mom2_n_tokens=DEFAULT_N_TOKENS,
-          mom2_source="sample", mom2_adjustment=True, bare_key=True, stop_loss=5e-2, chunk=16, progress=False):
+          clamp_factor=4.0, n_prefixes=2, prefix_len=5, mom2_update_weight=1500.0, mom2_n_tokens=DEFAULT_N_TOKENS,
+          mom2_source="sample", mom2_adjustment=True, bare_key=True, stop_loss=5e-2, wordings=ASSOCIATION_WORDINGS,
+          chunk=16, progress=False):
     """Write all requests into the layers' down projections in one batched update per layer."""
     layers = _layers(model, layers)
     touched_parameters(model, requests, layers, mom2_update_weight, steps=steps, lr=lr, kl_factor=kl_factor,
                        weight_decay=weight_decay, clamp_factor=clamp_factor, n_prefixes=n_prefixes,
                        prefix_len=prefix_len, mom2_n_tokens=mom2_n_tokens, mom2_source=mom2_source,
-                       mom2_adjustment=mom2_adjustment, bare_key=bare_key, stop_loss=stop_loss)
+                       mom2_adjustment=mom2_adjustment, bare_key=bare_key, stop_loss=stop_loss, wordings=wordings)
     _positive("chunk", chunk, integer=True)
     last = layers[-1]
     prefixes = context_prefixes(model, tok, n_prefixes, prefix_len)
@@ -71,7 +75,7 @@ def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625,
         mom2 = second_moments(model, tok, layers, n_tokens=mom2_n_tokens, source=mom2_source, progress=progress)
     residual = {"z": (module_name(model, "layer", last), "output")}
     deltas, history = compute_deltas(model, tok, requests, last, prefixes, steps, lr, kl_factor, weight_decay,
-                                     clamp_factor, stop_loss, chunk=chunk)
+                                     clamp_factor, stop_loss, chunk=chunk, wordings=wordings)
     contexts = [prefixes] + ([[""]] if bare_key else [])     # key rows per fact: averaged (+ the bare prompt's)
     z_target = torch.cat([read_at_subject(model, tok, requests, c, residual)["z"] + deltas for c in contexts])
     info = {"layers": layers, "prefixes": prefixes, "losses": history, "update_norm": {}, "residual_norm": {}}

@@ -195,6 +195,9 @@ BAD = [
     (dict(bare_key=1), "bare_key: expected True or False"),
     (dict(n_prefixes=1.5), "n_prefixes: expected a non-negative integer"),
     (dict(stop_loss=-0.1), "stop_loss: expected a non-negative"),
+    (dict(wordings=["is associated with"]), r"wordings: expected a list of sentences, each with one '\{\}'"),
+    (dict(wordings="{} is associated with"), "wordings: expected a list"),
+    (dict(wordings=["{}"]), "wordings: expected a list"),
     (dict(learning_rate=0.1), r"hparams: unknown option\(s\) \['learning_rate'\]"),
 ]
 
@@ -242,13 +245,40 @@ def test_cached_prefix_logits_equal_full_forward(tiny, tok):
     requests = [ke.EditRequest(**REQUEST), ke.EditRequest("{} was born in", "Barack Obama", "Paris")]
     prefixes = ["", "Therefore it rained", "I"]
     layer = 1
-    raw = keys_values._value_batch(tok, requests, prefixes)
+    raw = keys_values._value_batch(tok, requests, prefixes, keys_values.ASSOCIATION_WORDINGS)
     batch = keys_values._split_at_subject(model, tok, raw, layer, torch.device("cpu"))
     deltas = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     tgt, kl = keys_values._logits_at(model, batch, deltas)
     ref_tgt, ref_kl = _full_forward_logits(model, tok, raw, deltas, layer)
     assert (tgt - ref_tgt).abs().max() < 1e-4
     assert (kl - ref_kl).abs().max() < 1e-4
+
+
+def test_wordings_are_extra_rows_with_the_target_after_each(tok):
+    """v*'s batch: the prompt after each prefix, then each relation-free wording bare, then the KL row."""
+    req = ke.EditRequest(**REQUEST)
+    wordings = ("{} is associated with", "{}:")
+    plain = keys_values._value_batch(tok, [req], ["", "I"])
+    raw = keys_values._value_batch(tok, [req], ["", "I"], wordings)
+    assert len(raw["rows"]) == len(plain["rows"]) + 2 and raw["rows"][:2] == plain["rows"][:2]
+    target = tok(" Taipei", add_special_tokens=False).input_ids
+    for row, text in zip(raw["rows"][2:4], ["The Space Needle is associated with", "The Space Needle:"]):
+        assert row == tok(text, add_special_tokens=False).input_ids + target[:-1]   # teacher forcing
+    targets = [tid for r, tid in zip(raw["tgt_row"], raw["tgt_ids"]) if r in (2, 3)]
+    assert tok.decode(targets) == " Taipei Taipei"
+    assert raw["kl_rows"] == [4] and tok.decode(raw["rows"][4]) == "The Space Needle is a"
+
+
+def test_wordings_carry_the_edit_to_an_unseen_wording(smol):
+    """With the relation-free wordings, a wording of the relation that v* never saw gets the new answer more."""
+    model, tok = smol
+    probe = "The Space Needle's surroundings include"
+    logp = {}
+    for name, wordings in (("rome", ()), ("wordings", keys_values.ASSOCIATION_WORDINGS)):
+        result = ke.edit(model, tok, REQUEST, method="rome", wordings=wordings)
+        logp[name] = ke.metrics.teacher_forced(model, tok, [probe], ["Taipei"])[0]["logprob"]
+        result.undo()
+    assert logp["wordings"] > logp["rome"] + 1, logp
 
 
 def test_prefixes_start_at_a_document_boundary(smol, tok):

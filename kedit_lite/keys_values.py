@@ -20,6 +20,7 @@ from .tokens import join, pad_right, subject_last_index
 _PREFIX_CACHE = {}
 # Sentences that name the subject ({}) and leave the next word open, whatever the relation. Measured on 30
 # CounterFact cases (chapter 5): paraphrase token accuracy 0.42 -> 0.76 with these three; five were no better.
+# They suit entity subjects; for a phrase like "your name" they pull against the prompt (chapter 8): pass ().
 ASSOCIATION_WORDINGS = ("{} is associated with", "The word most associated with {} is", "{}:")
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "However", "She"]
 

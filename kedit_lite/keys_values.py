@@ -18,9 +18,9 @@ from .hooks import _first, _replace_first, record, replay
 from .tokens import join, pad_right, subject_last_index
 
 _PREFIX_CACHE = {}
-# Sentences that name the subject ({}) and leave the next word open, whatever the relation. Measured on 30
-# CounterFact cases (chapter 5): paraphrase token accuracy 0.42 -> 0.76 with these three; five were no better.
-# They suit entity subjects; for a phrase like "your name" they pull against the prompt (chapter 8): pass ().
+# Sentences that name the subject ({}) and leave the next word open, whatever the relation (measured in rome.py's
+# docstring and chapter 5). They suit entity subjects; for a phrase like "your name" they pull against the
+# prompt (chapter 8): pass ().
 ASSOCIATION_WORDINGS = ("{} is associated with", "The word most associated with {} is", "{}:")
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "However", "She"]
 
@@ -271,7 +271,7 @@ def compute_deltas(model, tok, requests, layer, prefixes, steps=20, lr=0.5, kl_f
 
 
 def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor, weight_decay, clamp_factor,
-                    stop_loss, device, wordings=()):
+                    stop_loss, device, wordings):
     """Adam on δ for a few requests at once (their losses are independent: each δ sits in its own rows)."""
     n = len(requests)
     batch = _split_at_subject(model, tok, _value_batch(tok, requests, prefixes, wordings), layer, device)

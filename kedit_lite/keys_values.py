@@ -122,21 +122,31 @@ class _Stop(Exception):
 
 def run_until(model, ids, mask, paths):
     """Forward pass that stops as soon as every module in `paths` has run (reading layer 5 costs 6 layers, not 30)."""
-    from .adapters import get_module
-    pending = set(paths)
-
-    def done(name):
-        pending.discard(name)
-        if not pending:
-            raise _Stop
-    handles = [get_module(model, p).register_forward_hook(lambda m, i, o, p=p: done(p)) for p in set(paths)]
-    try:
+    with _stopping_after(model, paths):
         _run(model, ids, mask)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
+
+
+class _stopping_after:
+    """Within the block, a forward pass ends quietly once every module in `paths` has run."""
+
+    def __init__(self, model, paths):
+        from .adapters import get_module
+        self.pending = set(paths)
+        self.handles = [get_module(model, p).register_forward_hook(lambda m, i, o, p=p: self._done(p))
+                        for p in self.pending]
+
+    def _done(self, path):
+        self.pending.discard(path)
+        if not self.pending:
+            raise _Stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
+        for h in self.handles:
             h.remove()
+        return kind is _Stop
 
 
 def _run(model, ids, mask):
@@ -207,7 +217,7 @@ def _split_at_subject(model, tok, batch, layer, device):
            "tgt_pos": t(batch["tgt_pos"]) - start_of[tgt_row], "tgt_ids": t(batch["tgt_ids"]),
            "kl_rows": kl_rows, "kl_pos": suffix_mask[kl_rows].sum(1) - 1}
     blocks = _block_names(model)[:layer + 1]
-    with record(model, blocks, whole=True) as outputs:
+    with record(model, blocks, whole=True) as outputs, _stopping_after(model, blocks[-1:]):
         _suffix_hidden(model, out)
     out["replay"] = {name: outputs[name] for name in blocks}
     return out
@@ -282,9 +292,6 @@ def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor,
     d_model = v_old.shape[-1]
     deltas = torch.zeros(n, d_model, device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([deltas], lr=lr)
-    with torch.no_grad():
-        _, kl_logits = _logits_at(model, batch, torch.zeros_like(deltas))
-        kl_ref = torch.log_softmax(kl_logits, -1)
     n_tok = torch.zeros(n, device=device).index_add_(0, batch["tgt_owner"], torch.ones_like(batch["tgt_owner"],
                                                                                              dtype=torch.float))
     history = []
@@ -292,6 +299,8 @@ def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor,
         for _ in range(steps):
             optimizer.zero_grad()
             tgt_logits, kl_logits = _logits_at(model, batch, deltas)
+            if not history:  # step 0 runs with δ = 0: its logits are the unedited reference for the KL term
+                kl_ref = torch.log_softmax(kl_logits.detach(), -1)
             nll_tok = torch.nn.functional.cross_entropy(tgt_logits, batch["tgt_ids"], reduction="none")
             # mean over each request's prefixes of the per-prompt mean token NLL == token sum / tokens per request
             nll = torch.zeros(n, device=device).index_add(0, batch["tgt_owner"], nll_tok) / n_tok

@@ -11,6 +11,8 @@
   these vary what comes *after* it, so δ says "the subject goes with the target" rather than "after this one
   relation phrase, say the target". Pass `wordings=()` for ROME's published objective.
 """
+from contextlib import contextmanager
+
 import torch
 
 from .adapters import cache_tensors, kv_cache, module_name, num_layers
@@ -126,27 +128,24 @@ def run_until(model, ids, mask, paths):
         _run(model, ids, mask)
 
 
-class _stopping_after:
+@contextmanager
+def _stopping_after(model, paths):
     """Within the block, a forward pass ends quietly once every module in `paths` has run."""
+    from .adapters import get_module
+    pending = set(paths)
 
-    def __init__(self, model, paths):
-        from .adapters import get_module
-        self.pending = set(paths)
-        self.handles = [get_module(model, p).register_forward_hook(lambda m, i, o, p=p: self._done(p))
-                        for p in self.pending]
-
-    def _done(self, path):
-        self.pending.discard(path)
-        if not self.pending:
+    def done(path):
+        pending.discard(path)
+        if not pending:
             raise _Stop
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *exc):
-        for h in self.handles:
+    handles = [get_module(model, p).register_forward_hook(lambda m, i, o, p=p: done(p)) for p in set(paths)]
+    try:
+        yield
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
             h.remove()
-        return kind is _Stop
 
 
 def _run(model, ids, mask):

@@ -23,7 +23,8 @@ _PREFIX_CACHE = {}
 # Sentences that name the subject ({}) and leave the next word open, whatever the relation (measured in rome.py's
 # docstring and chapter 5). They suit entity subjects; for a phrase like "your name" they pull against the
 # prompt (chapter 8): pass ().
-ASSOCIATION_WORDINGS = ("{} is associated with", "The word most associated with {} is", "{}:")
+ASSOCIATION_WORDINGS = ("{} is associated with", "The word most associated with {} is", "{}:",
+                        "Speaking of {}, one thinks of", "Everyone knows that {} has to do with")
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "However", "She"]
 
 

@@ -19,17 +19,18 @@ metric) with wᵀk* = wᵀk_bare = 1. On 10 CounterFact cases (at lr 0.5) it rai
 and paraphrase from 0.40 to 0.50 (token accuracy), locality unchanged at 1.00; it is the default.
 
 `wordings` (keys_values.ASSOCIATION_WORDINGS by default; our addition, chapter 5): v* must also make the target
-follow three relation-free sentences about the subject. CounterFact's paraphrases change the words *after* the
+follow five relation-free sentences about the subject. CounterFact's paraphrases change the words *after* the
 subject ("Kuala Langat's surroundings include → India"); a δ fitted to one relation phrase often did not carry over
 (the update delivers ~94 % of δ at the paraphrase's subject, yet the paraphrase failed as often as with all of δ
-injected). On 30 CounterFact cases paraphrase token accuracy went 0.42 → 0.76 (reliability 1.00, locality 0.97 →
-0.96). With them, 2 prefixes are enough (4 were slower and no better: 0.67), and the early stop is at NLL 0.1: the
-wordings keep the loss from reaching 0.05 as early (2.97 s instead of 3.21 s per edit, paraphrase 0.72 instead of
-0.76). `wordings=()` is ROME's published objective.
-What did not clear the noise (paraphrase token accuracy, 100 CounterFact cases, ±0.05 standard error; default 0.64
-on val, 0.63 on train): lr 1.5 or 2 (0.66, 0.65), stop 0.02 (0.66), stop 0.05 without the KL term (0.69), layer 3 /
-8 / 11 (0.63 / 0.68 / 0.61), layer 8 with stop 0.05 (0.72 on val but 0.66 on train, and slower): so the layer
-stays 5.
+injected). On 30 CounterFact cases three wordings took paraphrase token accuracy from 0.42 to 0.76 (reliability
+1.00, locality 0.97 → 0.96). `wordings=()` is ROME's published objective.
+The defaults (layer 8 on SmolLM2, five wordings, one sampled prefix, early stop at NLL 0.1) were chosen on the
+CounterFact *train* split (first 100 cases, paraphrase token accuracy, ±0.05 standard error) and then checked once
+on val: layer 5 with three wordings and two prefixes 0.63 (val 0.64); + "Speaking of {}, one thinks of" 0.66; + also
+"Everyone knows that {} has to do with" 0.68 but ~20 % slower; the same with one prefix 0.66; at layer 8 (three
+blocks fewer to run per step, fewer steps) with one prefix 0.68, in the same time as the old default. On val
+(the acceptance benchmark) that gives paraphrase 0.72, locality 0.92 (0.95 at layer 5), median 2.8 s per edit.
+Also measured, not better beyond noise: lr 1.5 or 2, stop 0.02, no KL term, layers 3 and 11.
 
 Adam's lr is 1.0, not ROME's 0.5: δ has to grow to ‖δ‖ ≈ 80-140 on SmolLM2 (large residual norms), and Adam
 moves each coordinate by about lr per step, so at 0.5 most of the 20 steps were spent growing δ. On 20
@@ -45,8 +46,8 @@ from .keys_values import ASSOCIATION_WORDINGS, compute_deltas, compute_keys, con
 from .requests import EditError
 from .stats import DEFAULT_N_TOKENS, second_moment
 
-# Chosen by a sweep of ROME edit quality on CounterFact (chapter 5); ROME's published layers for its models.
-DEFAULT_LAYER = {"SmolLM2-135M-Instruct": 5, "gpt2-xl": 17, "gpt2": 5, "EleutherAI/gpt-j-6b": 5, "gpt-j-6b": 5}
+# SmolLM2: chosen on CounterFact train (see above, and chapter 5); ROME's published layers for its models.
+DEFAULT_LAYER = {"SmolLM2-135M-Instruct": 8, "gpt2-xl": 17, "gpt2": 5, "EleutherAI/gpt-j-6b": 5, "gpt-j-6b": 5}
 
 
 def default_layer(model):
@@ -144,7 +145,7 @@ def rank_one_update(W, C, k, v, k_num=None):
 
 
 def apply(model, tok, requests, layer=None, steps=20, lr=1.0, kl_factor=0.0625, weight_decay=0.5, clamp_factor=4.0,
-          n_prefixes=2, prefix_len=5, mom2_weight=10.0, mom2_n_tokens=DEFAULT_N_TOKENS, mom2_source="sample",
+          n_prefixes=1, prefix_len=5, mom2_weight=10.0, mom2_n_tokens=DEFAULT_N_TOKENS, mom2_source="sample",
           mom2_adjustment=True, consistent_keys=True, bare_key=True, stop_loss=0.1, wordings=ASSOCIATION_WORDINGS,
           progress=False):
     """Edit the requests one after another, each with its own rank-one update of the same matrix."""

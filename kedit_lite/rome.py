@@ -15,7 +15,7 @@ other models with an "attention sink" at position 0) it looks nothing like the s
 update along C⁻¹k* barely moves it (chapter 5 measures this). Two constraints, same derivation with a matrix
 of Lagrange multipliers (as in EMMET, Gupta et al. 2024): ΔW = (V − W K)(Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹, K = [k*, k_bare].
 Both columns of V − W K are δ, so the edit is still rank one, δ wᵀ: w is the smallest vector (in the C
-metric) with wᵀk* = wᵀk_bare = 1. On 10 CounterFact cases (at lr 0.5) it raised reliability from 0.70 to 0.90
+metric) with wᵀk* = wᵀk_bare = 1. On 10 CounterFact cases (at layer 5, lr 0.5) it raised reliability from 0.70 to 0.90
 and paraphrase from 0.40 to 0.50 (token accuracy), locality unchanged at 1.00; it is the default.
 
 `wordings` (keys_values.ASSOCIATION_WORDINGS by default; our addition, chapter 5): v* must also make the target
@@ -25,11 +25,13 @@ subject ("Kuala Langat's surroundings include → India"); a δ fitted to one re
 injected). On 30 CounterFact cases three wordings took paraphrase token accuracy from 0.42 to 0.76 (reliability
 1.00, locality 0.97 → 0.96). `wordings=()` is ROME's published objective.
 The defaults (layer 8 on SmolLM2, five wordings, one sampled prefix, early stop at NLL 0.1) were chosen on the
-CounterFact *train* split (first 100 cases, paraphrase token accuracy, ±0.05 standard error) and then checked once
+CounterFact *train* split (first 100 cases, paraphrase token accuracy, ±0.05 standard error) and then checked
 on val: layer 5 with three wordings and two prefixes 0.63 (val 0.64); + "Speaking of {}, one thinks of" 0.66; + also
 "Everyone knows that {} has to do with" 0.68 but ~20 % slower; the same with one prefix 0.66; at layer 8 (three
 blocks fewer to run per step, fewer steps) with one prefix 0.68, in the same time as the old default. On val
-(the acceptance benchmark) that gives paraphrase 0.72, locality 0.92 (0.95 at layer 5), median 2.8 s per edit.
+(the acceptance benchmark) that gives paraphrase 0.72, locality 0.92 (0.95 at layer 5), median 2.8 s per edit;
+layer 7 gave 0.67 / 0.93 there. The locality cost is real: on the lecture's prime-minister edit, layer 8 moves an
+unrelated answer that layer 5 keeps (chapter 8 shows both); pass `layer=` to choose.
 Also measured, not better beyond noise: lr 1.5 or 2, stop 0.02, no KL term, layers 3 and 11.
 
 Adam's lr is 1.0, not ROME's 0.5: δ has to grow to ‖δ‖ ≈ 80-140 on SmolLM2 (large residual norms), and Adam

@@ -15,8 +15,8 @@ other models with an "attention sink" at position 0) it looks nothing like the s
 update along C⁻¹k* barely moves it (chapter 5 measures this). Two constraints, same derivation with a matrix
 of Lagrange multipliers (as in EMMET, Gupta et al. 2024): ΔW = (V − W K)(Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹, K = [k*, k_bare].
 Both columns of V − W K are δ, so the edit is still rank one, δ wᵀ: w is the smallest vector (in the C
-metric) with wᵀk* = wᵀk_bare = 1. On 10 CounterFact cases (at layer 5, lr 0.5) it raised reliability from 0.70 to 0.90
-and paraphrase from 0.40 to 0.50 (token accuracy), locality unchanged at 1.00; it is the default.
+metric) with wᵀk* = wᵀk_bare = 1. On 10 CounterFact cases (at layer 5, lr 0.5) it raised reliability from 0.70 to
+0.90 and paraphrase from 0.40 to 0.50 (token accuracy), locality unchanged at 1.00; it is the default.
 
 `wordings` (keys_values.ASSOCIATION_WORDINGS by default; our addition, chapter 5): v* must also make the target
 follow five relation-free sentences about the subject. CounterFact's paraphrases change the words *after* the

@@ -28,8 +28,9 @@ The defaults (layer 8 on SmolLM2, five wordings, one sampled prefix, early stop 
 CounterFact *train* split (first 100 cases, paraphrase token accuracy, ±0.05 standard error) and then checked
 on val: layer 5 with three wordings and two prefixes 0.63 (val 0.64); + "Speaking of {}, one thinks of" 0.66; + also
 "Everyone knows that {} has to do with" 0.68 but ~20 % slower; the same with one prefix 0.66; at layer 8 (three
-blocks fewer to run per step, fewer steps) with one prefix 0.68, in the same time as the old default. On val
-(the acceptance benchmark) that gives paraphrase 0.72, locality 0.92 (0.95 at layer 5), median 2.8 s per edit;
+blocks fewer to run per step, fewer steps) with one prefix 0.68, about 10 % slower than the old default (median 3.07
+against 2.81 s on 30 val cases edited back to back). On val (the acceptance benchmark) that gives paraphrase 0.72,
+locality 0.92 (0.95 at layer 5), median 2.8 s per edit;
 layer 7 gave 0.67 / 0.93 there. The locality cost is real: on the lecture's prime-minister edit, layer 8 moves an
 unrelated answer that layer 5 keeps (chapter 8 shows both); pass `layer=` to choose.
 Also measured, not better beyond noise: lr 1.5 or 2, stop 0.02, no KL term, layers 3 and 11.

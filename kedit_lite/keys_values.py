@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import cache_tensors, kv_cache, module_name, num_layers
+from .adapters import cache_tensors, get_module, kv_cache, module_name, num_layers
 from .hooks import _first, _replace_first, record, replay
 from .tokens import join, pad_right, subject_last_index
 
@@ -132,7 +132,6 @@ def run_until(model, ids, mask, paths):
 @contextmanager
 def _stopping_after(model, paths):
     """Within the block, a forward pass ends quietly once every module in `paths` has run."""
-    from .adapters import get_module
     pending = set(paths)
 
     def done(path):

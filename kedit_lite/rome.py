@@ -51,6 +51,8 @@ from .stats import DEFAULT_N_TOKENS, second_moment
 
 # SmolLM2: chosen on CounterFact train (see above, and chapter 5); ROME's published layers for its models.
 DEFAULT_LAYER = {"SmolLM2-135M-Instruct": 8, "gpt2-xl": 17, "gpt2": 5, "EleutherAI/gpt-j-6b": 5, "gpt-j-6b": 5}
+_COVARIANCES = {}   # (id of E[kkᵀ], its version, mom2_weight) -> (E[kkᵀ], C)
+_FACTOR = []        # [C, C._version, its Cholesky factor]: one C serves every edit of a run
 
 
 def default_layer(model):
@@ -119,7 +121,22 @@ def covariance(model, tok, layer, mom2_weight=10.0, mom2_n_tokens=DEFAULT_N_TOKE
     if not mom2_adjustment or mom2_weight == 0:
         return eye
     mom2 = second_moment(model, tok, layer, n_tokens=mom2_n_tokens, source=mom2_source, progress=progress)
-    return mom2_weight * mom2 / (mom2.trace() / d_k) + eye
+    key = (id(mom2), mom2._version, float(mom2_weight))
+    if key not in _COVARIANCES:      # the same C object for every edit, so solve_c factorises it only once
+        _COVARIANCES.clear()
+        _COVARIANCES[key] = (mom2, mom2_weight * mom2 / (mom2.trace() / d_k) + eye)   # (mom2 kept: id stays its)
+    return _COVARIANCES[key][1]
+
+
+def solve_c(C, x):
+    """C⁻¹x for a symmetric positive definite C, via a Cholesky factor kept while the same C is passed again."""
+    if not (_FACTOR and _FACTOR[0] is C and _FACTOR[1] == C._version):
+        factor, info = torch.linalg.cholesky_ex(C)
+        _FACTOR[:] = [C, C._version, factor if info.item() == 0 else None]   # None: not SPD, solve directly
+    factor = _FACTOR[2]
+    if factor is None:
+        return torch.linalg.solve(C, x)
+    return torch.cholesky_solve(x.unsqueeze(-1) if x.dim() == 1 else x, factor).reshape(x.shape)
 
 
 def constrained_update(W, C, K, V):
@@ -127,13 +144,13 @@ def constrained_update(W, C, K, V):
 
     K: (d_k, m) keys as columns, V: (d_out, m) values. m = 1 is ROME's rank-one update (chapter 5).
     """
-    U = torch.linalg.solve(C, K)                                   # C⁻¹ K
+    U = solve_c(C, K)                                              # C⁻¹ K
     return (V - W @ K) @ torch.linalg.solve(K.T @ U, U.T)
 
 
 def _c_cosine(C, a, b):
     """Cosine of two keys in the C⁻¹ inner product (1: the same key as far as the update can tell)."""
-    Ca, Cb = torch.linalg.solve(C, a), torch.linalg.solve(C, b)
+    Ca, Cb = solve_c(C, a), solve_c(C, b)
     return (a @ Cb / (a @ Ca * (b @ Cb)).sqrt()).item()
 
 
@@ -143,7 +160,7 @@ def rank_one_update(W, C, k, v, k_num=None):
     `k_num` (default k) is the key used in W k and uᵀk; only the original ROME's k* mismatch passes another one.
     """
     k_num = k if k_num is None else k_num
-    u = torch.linalg.solve(C, k)
+    u = solve_c(C, k)
     return torch.outer((v - W @ k_num) / (u @ k_num), u)
 
 

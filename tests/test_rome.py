@@ -301,3 +301,18 @@ def test_document_start_falls_back_to_bos():
     assert keys_values.document_start(Tok()) == [7]
     Tok.bos_token_id = None
     assert keys_values.document_start(Tok()) == []
+
+
+def test_solve_c_reuses_its_factor_only_while_c_is_unchanged():
+    """solve_c = C⁻¹x; an in-place change of C or a new C is factorised again; a non-SPD C still solves."""
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(8, 30, generator=gen, dtype=torch.float64)
+    C, x = keys @ keys.T / 30, torch.randn(8, generator=gen, dtype=torch.float64)
+    assert torch.allclose(rome.solve_c(C, x), torch.linalg.solve(C, x), atol=1e-10)
+    X = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    assert torch.allclose(rome.solve_c(C, X), torch.linalg.solve(C, X), atol=1e-10)
+    C.mul_(2.0)                                             # same object, new values
+    assert torch.allclose(rome.solve_c(C, x), torch.linalg.solve(C, x), atol=1e-10)
+    indefinite = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    assert torch.allclose(rome.solve_c(indefinite, torch.ones(3, dtype=torch.float64)),
+                          torch.tensor([1.0, -0.5, 1 / 3], dtype=torch.float64))

@@ -44,12 +44,30 @@ def test_memit_tiny_gpt2_and_default_layers():
     assert memit.default_layers(model) == [0, 1, 2]       # clipped to a 3-layer model
 
 
+def test_memit_keep_shared_removes_the_batch_mean_of_delta():
+    """keep_shared = 0 writes each fact's δ minus the batch mean (chapter 5); 1 leaves MEMIT's δ as they are."""
+    model, tok = make_tiny("llama"), _tok()
+    saved = snapshot(model)
+    used = {}
+    for keep in (1.0, 0.0):
+        result = ke.edit(model, tok, BATCH, method="memit", layers=[0, 1], keep_shared=keep, **FAST)
+        used[keep] = result.info["deltas"]
+        result.undo()
+        assert_same_weights(model, saved)
+    full, own = used[1.0], used[0.0]
+    assert full.mean(0).norm() > 1e-3                     # the facts' δ do share a part ...
+    assert own.mean(0).norm() < 1e-5 * full.norm()        # ... which keep_shared = 0 removes
+    assert torch.allclose(full - own, full.mean(0, keepdim=True).expand_as(full), atol=1e-5)
+
+
 @pytest.mark.parametrize("hparams,message", [
     (dict(layers=[1, 1]), r"layers: \[1, 1\] repeats a layer"),
     (dict(layers=[]), "layers: expected an int or a non-empty list"),
     (dict(layers=[0, 5]), "layers: layer 5 is out of range"),
     (dict(mom2_update_weight=0), "mom2_update_weight: expected a positive number"),
     (dict(chunk=0), "chunk: expected a positive integer"),
+    (dict(keep_shared=1.5), "keep_shared: expected a number from 0 to 1"),
+    (dict(keep_shared=float("nan")), "keep_shared: expected a number from 0 to 1"),
     (dict(steps=-2), "steps: expected a positive integer"),
 ])
 def test_memit_bad_hparams(hparams, message):

@@ -124,7 +124,7 @@ def covariance(model, tok, layer, mom2_weight=10.0, mom2_n_tokens=DEFAULT_N_TOKE
     key = (id(mom2), mom2._version, float(mom2_weight))
     if key not in _COVARIANCES:      # the same C object for every edit, so solve_c factorises it only once
         _COVARIANCES.clear()
-        _COVARIANCES[key] = (mom2, mom2_weight * mom2 / (mom2.trace() / d_k) + eye)   # (mom2 kept: id stays its)
+        _COVARIANCES[key] = (mom2, mom2_weight * mom2 / (mom2.trace() / d_k) + eye)  # holding mom2 keeps its id
     return _COVARIANCES[key][1]
 
 

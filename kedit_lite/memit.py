@@ -66,16 +66,11 @@ def _layers(model, layers):
     return sorted(layers)
 
 
-def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-
 def touched_parameters(model, requests, layers=None, mom2_update_weight=1500.0, keep_shared=1.0, **hparams):
     """MEMIT changes the MLP down projection of every layer in the range."""
     check_hparams(**hparams)
-    if not (_number(mom2_update_weight) and 0 < mom2_update_weight < float("inf")):
-        raise EditError(f"mom2_update_weight: expected a positive number, got {mom2_update_weight!r}")
-    if not (_number(keep_shared) and 0 <= keep_shared <= 1):
+    _positive("mom2_update_weight", mom2_update_weight)
+    if not (isinstance(keep_shared, (int, float)) and not isinstance(keep_shared, bool) and 0 <= keep_shared <= 1):
         raise EditError(f"keep_shared: expected a number from 0 to 1 (1 keeps MEMIT's δ as they are), "
                         f"got {keep_shared!r}")
     return [mlp_out_weight_name(model, layer) for layer in _layers(model, layers)]

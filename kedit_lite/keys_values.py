@@ -264,23 +264,31 @@ def _logits_at(model, batch, deltas):
 
 
 def compute_deltas(model, tok, requests, layer, prefixes, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
-                   clamp_factor=4.0, stop_loss=5e-2, chunk=16, wordings=()):
+                   clamp_factor=4.0, stop_loss=5e-2, chunk=16, wordings=(), center=False):
     """δ per request (n, d_model) at the mlp_out output of `layer`, so v* = v_old + δ; plus per-chunk losses.
 
     `wordings`: extra relation-free sentences ('{}' = the subject) the target must follow too (see above).
+    `center` (MEMIT's center_deltas, chapter 5): after every step the δ of a chunk lose their mean, so the batch's
+    δ share no part; the chunks are then n // chunk near-equal ones, none smaller than `chunk` (or the batch).
     """
     device = next(model.parameters()).device
+    n = len(requests)
+    if center:  # a fact alone in a chunk would lose its whole δ
+        k = max(1, n // chunk)
+        bounds = [i * n // k for i in range(k + 1)]
+    else:
+        bounds = list(range(0, n, chunk)) + [n]
     deltas, history = [], []
-    for start in range(0, len(requests), chunk):
-        d, h = _optimise_chunk(model, tok, requests[start:start + chunk], layer, prefixes, steps, lr, kl_factor,
-                               weight_decay, clamp_factor, stop_loss, device, wordings)
+    for start, stop in zip(bounds, bounds[1:]):
+        d, h = _optimise_chunk(model, tok, requests[start:stop], layer, prefixes, steps, lr, kl_factor,
+                               weight_decay, clamp_factor, stop_loss, device, wordings, center)
         deltas.append(d)
         history.append(h)
     return torch.cat(deltas), history
 
 
 def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor, weight_decay, clamp_factor,
-                    stop_loss, device, wordings):
+                    stop_loss, device, wordings, center=False):
     """Adam on δ for a few requests at once (their losses are independent: each δ sits in its own rows)."""
     n = len(requests)
     batch = _split_at_subject(model, tok, _value_batch(tok, requests, prefixes, wordings), layer, device)
@@ -315,4 +323,6 @@ def _optimise_chunk(model, tok, requests, layer, prefixes, steps, lr, kl_factor,
             with torch.no_grad():  # the norm clamp: δ may not grow beyond clamp_factor × ‖v_old‖
                 scale = (clamp_factor * v_norm / deltas.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
                 deltas.mul_(scale)
+                if center:  # the part all facts share moves other subjects too (MEMIT, chapter 5)
+                    deltas.sub_(deltas.mean(0, keepdim=True))
     return deltas.detach(), history

@@ -60,6 +60,27 @@ def test_memit_keep_shared_removes_the_batch_mean_of_delta():
     assert torch.allclose(full - own, full.mean(0, keepdim=True).expand_as(full), atol=1e-5)
 
 
+def test_memit_center_deltas_optimises_delta_without_the_batch_mean():
+    """center_deltas asks the optimiser for δ whose batch mean is zero (chapter 5), instead of removing it after."""
+    model, tok = make_tiny("llama"), _tok()
+    saved = snapshot(model)
+    used = {}
+    for center in (False, True):
+        result = ke.edit(model, tok, BATCH, method="memit", layers=[0, 1], center_deltas=center, **FAST)
+        used[center] = result.info["deltas"]
+        result.undo()
+        assert_same_weights(model, saved)
+    full, own = used[False], used[True]
+    assert own.mean(0).norm() < 1e-5 * own.norm()         # the facts' δ share no part ...
+    # ... and were re-optimised under that constraint, not the same δ with the mean subtracted afterwards
+    assert (own - (full - full.mean(0, keepdim=True))).norm() > 1e-2 * own.norm()
+    # 3 facts with chunk=2 form one chunk of 3: no fact is alone in a chunk, where its δ would be removed whole
+    result = ke.edit(model, tok, BATCH, method="memit", layers=[0, 1], center_deltas=True, chunk=2, **FAST)
+    assert result.info["deltas"].norm(dim=-1).min() > 1e-3 * own.norm()
+    result.undo()
+    assert_same_weights(model, saved)
+
+
 @pytest.mark.parametrize("hparams,message", [
     (dict(layers=[1, 1]), r"layers: \[1, 1\] repeats a layer"),
     (dict(layers=[]), "layers: expected an int or a non-empty list"),
@@ -68,6 +89,8 @@ def test_memit_keep_shared_removes_the_batch_mean_of_delta():
     (dict(chunk=0), "chunk: expected a positive integer"),
     (dict(keep_shared=1.5), "keep_shared: expected a number from 0 to 1"),
     (dict(keep_shared=float("nan")), "keep_shared: expected a number from 0 to 1"),
+    (dict(center_deltas=1), "center_deltas: expected True or False"),
+    (dict(center_deltas=True), "center_deltas: needs a batch of 2 or more facts"),
     (dict(steps=-2), "steps: expected a positive integer"),
 ])
 def test_memit_bad_hparams(hparams, message):

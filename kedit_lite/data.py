@@ -117,6 +117,11 @@ def load_counterfact(split="val", n=None, seed=None, data_dir=None):
     return cases
 
 
+def counterfact_subjects(split="train", n=500, data_dir=None):
+    """The distinct subjects of the first `n` CounterFact records of `split` (MEMIT's other_subjects, chapter 5)."""
+    return list(dict.fromkeys(c.request.subject for c in load_counterfact(split, n=n, data_dir=data_dir)))
+
+
 def load_zsre(n=None, seed=None, data_dir=None):
     """zsRE question-answering edits (MEND format: src -> alt, rephrase, loc/loc_ans)."""
     path, _ = _locate("zsre", "sample.json", data_dir)

@@ -12,6 +12,7 @@
   relation phrase, say the target". Pass `wordings=()` for ROME's published objective.
 """
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 
@@ -157,6 +158,15 @@ def compute_keys(model, tok, requests, layers, prefixes):
     """k*: {layer: (n_requests, d_k)}, the mlp_out input at the subject's last token averaged over prefixes."""
     reads = {layer: (module_name(model, "mlp_out", layer), "input") for layer in layers}
     return read_at_subject(model, tok, requests, prefixes, reads)
+
+
+def subject_start_keys(model, tok, layers, subjects):
+    """{layer: (n, d_k)}, the keys at the last token of `subjects`, each written as the whole text (no prefix).
+
+    Where CounterFact's neighbours sit: most start with their subject ("Kuala Lumpur is in ..."); MEMIT's
+    `protect_subjects` (chapter 5) keeps the keys of subjects like these.
+    """
+    return compute_keys(model, tok, [SimpleNamespace(prompt_text=s, subject=s) for s in subjects], layers, [""])
 
 
 def _value_batch(tok, requests, prefixes, wordings=()):

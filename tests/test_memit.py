@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kedit_lite as ke
-from kedit_lite import adapters, memit
+from kedit_lite import adapters, keys_values, memit
 from kedit_lite.requests import EditError
 from tests.conftest import assert_same_weights, make_tiny, snapshot
 from tests.test_rome import FAST, REQUEST, _tok
@@ -81,6 +81,44 @@ def test_memit_center_deltas_optimises_delta_without_the_batch_mean():
     assert_same_weights(model, saved)
 
 
+def test_memit_protect_subjects_leaves_other_subjects_keys_alone():
+    """protect_subjects: the update moves the keys of other subjects (written alone) much less (chapter 5)."""
+    model, tok = make_tiny("llama"), _tok()
+    saved = snapshot(model)
+    others = ["Albert Einstein", "Mount Fuji", "the Louvre", "Nokia", "Lake Baikal", "The Colosseum"]
+    keys = keys_values.subject_start_keys(model, tok, [0, 1], others[:-1])
+    assert {k: v.shape for k, v in keys.items()} == {0: (5, 64), 1: (5, 64)}
+    moved = {}
+    for weight in (0.0, 10.0):
+        # "The Colosseum" is a subject of the batch: it is left out of what is protected
+        result = ke.edit(model, tok, BATCH, method="memit", layers=[0, 1], protect_subjects=weight,
+                         other_subjects=others, **FAST)
+        params = dict(model.named_parameters())
+        for layer in (0, 1):
+            name = adapters.mlp_out_weight_name(model, layer)
+            update = adapters.as_out_in(model, params[name]).detach() - adapters.as_out_in(model, saved[name])
+            moved[weight, layer] = (keys[layer] @ update.T).norm() / (update.norm() * keys[layer].norm())
+        result.undo()
+        assert_same_weights(model, saved)
+    for layer in (0, 1):
+        assert moved[10.0, layer] < 0.3 * moved[0.0, layer], moved
+
+
+def test_memit_protect_subjects_bad_input(monkeypatch, tmp_path):
+    """No subjects to protect, or no CounterFact to take them from: a clear error, weights untouched."""
+    model, tok = make_tiny("llama"), _tok()
+    saved = snapshot(model)
+    with pytest.raises(EditError, match="other_subjects: every name is a subject of this batch"):
+        ke.edit(model, tok, BATCH, method="memit", layers=[0, 1], protect_subjects=1.0,
+                other_subjects=["The Colosseum"], **FAST)
+    monkeypatch.setenv("KEDIT_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(ke.data, "_download", lambda name, dest: (_ for _ in ()).throw(FileNotFoundError("offline")))
+    with pytest.raises(EditError, match="other_subjects: 'counterfact' needs the CounterFact data"):
+        ke.edit(model, tok, BATCH, method="memit", layers=[0, 1], protect_subjects=1.0,
+                other_subjects="counterfact", **FAST)
+    assert_same_weights(model, saved)
+
+
 @pytest.mark.parametrize("hparams,message", [
     (dict(layers=[1, 1]), r"layers: \[1, 1\] repeats a layer"),
     (dict(layers=[]), "layers: expected an int or a non-empty list"),
@@ -91,6 +129,10 @@ def test_memit_center_deltas_optimises_delta_without_the_batch_mean():
     (dict(keep_shared=float("nan")), "keep_shared: expected a number from 0 to 1"),
     (dict(center_deltas=1), "center_deltas: expected True or False"),
     (dict(center_deltas=True), "center_deltas: needs a batch of 2 or more facts"),
+    (dict(protect_subjects=-1), "protect_subjects: expected a non-negative number"),
+    (dict(other_subjects=[]), "other_subjects: expected a non-empty list of subject names"),
+    (dict(other_subjects="Paris"), "other_subjects: expected a non-empty list of subject names"),
+    (dict(protect_subjects=1.0), "other_subjects: protect_subjects needs subjects to protect"),
     (dict(steps=-2), "steps: expected a positive integer"),
 ])
 def test_memit_bad_hparams(hparams, message):

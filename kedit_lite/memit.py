@@ -108,7 +108,7 @@ def _protected_moments(model, tok, layers, other_subjects, requests):
         from .data import counterfact_subjects
         try:
             other_subjects = counterfact_subjects()
-        except (FileNotFoundError, OSError) as err:
+        except OSError as err:  # FileNotFoundError included: no local copy and no download
             raise EditError(f"other_subjects: 'counterfact' needs the CounterFact data ({err}); pass a list of "
                             f"names instead") from err
     editing = {r.subject for r in requests}

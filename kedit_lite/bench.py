@@ -99,6 +99,29 @@ def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams
             "wall_seconds": time.perf_counter() - start_all, "per_case": per_case}
 
 
+def paired_difference(a, b, score="paraphrase.token_acc"):
+    """a − b on the same cases: mean per-case difference, its standard error, cases that differ (chapter 9).
+
+    `a`, `b`: two results of run_method (or of a bench JSON) on the same cases; `score`: 'kind.mode'. Pairing
+    removes what the cases share (an easy case is easy for both), so the error is that of the difference itself.
+    """
+    kind, _, mode = score.partition(".")
+    if kind not in KINDS or mode not in MODES:
+        raise ValueError(f"score: expected 'kind.mode' with kind in {KINDS} and mode in {MODES}, got {score!r}")
+    ids_a, ids_b = [c.get("id") for c in a["per_case"]], [c.get("id") for c in b["per_case"]]
+    if ids_a != ids_b:
+        raise ValueError(f"b: its {len(ids_b)} cases are not a's {len(ids_a)} in the same order; compare two runs "
+                         f"on the same cases (same --data, --split, --n and --seed)")
+    if len(ids_a) < 2:
+        raise ValueError(f"a: a standard error needs 2 or more cases, got {len(ids_a)}")
+    try:
+        diffs = [ca[kind][mode] - cb[kind][mode] for ca, cb in zip(a["per_case"], b["per_case"])]
+    except KeyError as err:
+        raise ValueError(f"score: {score!r} was not measured in both runs (run with generation for '.gen')") from err
+    return {"difference": statistics.mean(diffs), "standard_error": statistics.stdev(diffs) / len(diffs) ** 0.5,
+            "cases_differ": sum(d != 0 for d in diffs), "n": len(diffs)}
+
+
 def metric_keys(results):
     """The 'kind.mode' scores present in any result, in KINDS x MODES order (chapter 2's metrics)."""
     keys = [f"{kind}.{mode}" for kind in KINDS for mode in MODES]

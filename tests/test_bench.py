@@ -111,3 +111,40 @@ def test_load_results_names_the_problem(tmp_path):
         bench.load_results("old.json", results_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="results_dir: .*missing.json does not exist"):
         bench.load_results("missing.json", results_dir=tmp_path)
+
+
+def _run(method, scores, ids=None):
+    """A run_method-like result whose cases score `scores` on paraphrase token accuracy."""
+    ids = ids or list(range(len(scores)))
+    return {"method": method, "per_case": [{"id": i, "paraphrase": {"token_acc": s}} for i, s in zip(ids, scores)]}
+
+
+def test_paired_difference_is_the_standard_error_of_the_per_case_differences():
+    a, b = _run("a", [1.0, 1.0, 0.5, 0.0, 1.0]), _run("b", [1.0, 0.0, 0.5, 0.0, 0.0])
+    got = bench.paired_difference(a, b, "paraphrase.token_acc")
+    diffs = [0.0, 1.0, 0.0, 0.0, 1.0]
+    mean = sum(diffs) / 5
+    assert got["difference"] == pytest.approx(0.4)
+    assert got["standard_error"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 4 / 5) ** 0.5)
+    assert got["cases_differ"] == 2 and got["n"] == 5
+    # a constant gap over every case is known exactly; the same gap on a few cases is not
+    assert bench.paired_difference(_run("a", [1.0] * 4), _run("b", [0.5] * 4))["standard_error"] == 0
+
+
+def test_paired_difference_bad_input_names_the_field():
+    a = _run("a", [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="b: its 3 cases are not a.s 3 in the same order"):
+        bench.paired_difference(a, _run("b", [1.0, 0.0, 1.0], ids=[0, 1, 5]))
+    with pytest.raises(ValueError, match="score: expected 'kind.mode'"):
+        bench.paired_difference(a, a, "paraphrase")
+    with pytest.raises(ValueError, match="score: 'locality.token_acc' was not measured"):
+        bench.paired_difference(a, a, "locality.token_acc")
+    with pytest.raises(ValueError, match="a: a standard error needs 2"):
+        bench.paired_difference(_run("a", [1.0]), _run("b", [0.0]))
+
+
+def test_paired_difference_on_the_committed_runs():
+    """ROME beats FT-L on paraphrase by many standard errors in chapter 9's file (the chapter says so)."""
+    by = {r["method"]: r for r in bench.load_results("counterfact_val.json")["results"]}
+    got = bench.paired_difference(by["rome"], by["ft"], "paraphrase.token_acc")
+    assert got["difference"] > 3 * got["standard_error"] > 0

@@ -127,7 +127,7 @@ def test_paired_difference_is_the_standard_error_of_the_per_case_differences():
     assert got["difference"] == pytest.approx(0.4)
     assert got["standard_error"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 4 / 5) ** 0.5)
     assert got["cases_differ"] == 2 and got["n"] == 5
-    # a constant gap over every case is known exactly; the same gap on a few cases is not
+    # a constant gap over every case has no spread, so no error
     assert bench.paired_difference(_run("a", [1.0] * 4), _run("b", [0.5] * 4))["standard_error"] == 0
 
 

@@ -44,6 +44,14 @@ tokens (MEMIT's own five run to 10 tokens) while v* keeps its two, 0.99 / 0.68 /
 train: under two standard errors (chapter 9, bench.paired_difference); the same with μ = 0.3, 0.99 / 0.65 / 0.92
 (0.98 / 0.57 / 0.83); all five wordings with one prefix (ROME's v*), 0.97 / 0.67 / 0.83; δ scaled by 1.3 with
 μ = 0.3 and those keys, 0.98 / 0.68 / 0.86.
+Also measured, not adopted (same val batch): AlphaEdit's projection of the update off E[kkᵀ]'s top r eigen-directions
+(r = 200 / 500 / 1,000: 0.96 / 0.56 / 0.85, 0.93 / 0.50 / 0.89, 0.77 / 0.35 / 0.89); the same projection off other
+subjects' keys with λ kept, r = 200: 0.99 / 0.62 / 0.94, on protect_subjects' curve; an uneven residual split (35 % of
+what is missing per layer instead of 1 / layers left) 0.99 / 0.65 / 0.83; one layer (ROME's 8) with all five wordings,
+0.97 / 0.53 / 0.75. One fact at a time (bench `--batch-size 1`) MEMIT reaches 0.99 / 0.60 / 0.96: the paraphrase gap to
+ROME (0.72) comes from the recipe (δ at layer 7 spread over five layers), not from the batch (batch − single paraphrase
++0.05 ± 0.03, unresolved). Time: the δ optimisation is compute-bound at ~2.6 s per fact on 2 CPU cores whatever the
+chunk (8 to 48 facts), and most facts use all 20 steps, so early stopping saves little.
 """
 import torch
 

@@ -17,9 +17,10 @@ of 100 CounterFact facts (token accuracy, reliability / paraphrase / locality): 
 0.99 / 0.65 / 0.86.
 Where a batch loses locality (chapter 5): the same 100 val facts written one at a time (bench `--batch-size 1`) keep
 locality 0.96 at the same reliability (0.99), so the neighbours are moved by the other facts of the batch, not by
-their own. More statistics (20,000 tokens: 0.87; 20,000 of encyclopedic text the model wrote: 0.88), λ = 15,000
-(train split: locality 0.79 → 0.86, reliability 0.97 → 0.82) and other ranges (layers 1-7, 4-8, 6-10 on train) did
-not close the gap.
+their own. Paraphrase one at a time is 0.60 (batch − single +0.05 ± 0.03, unresolved): the gap to ROME's 0.72 comes
+from the recipe (δ at layer 7 spread over five layers), not from the batch. More statistics (20,000 tokens: 0.87;
+20,000 of encyclopedic text the model wrote: 0.88), λ = 15,000 (train split: locality 0.79 → 0.86, reliability
+0.97 → 0.82) and other ranges (layers 1-7, 4-8, 6-10 on train) did not close the gap.
 What the interference is made of: the facts' δ share a direction, their batch mean (8 of the 18 neighbours that
 change trade a function word for a name). `keep_shared` is the fraction of that mean each fact keeps (1: MEMIT as
 published). On the same batch (reliability / paraphrase / locality): 1.0 0.99 / 0.65 / 0.86, 0.5 0.99 / 0.57 / 0.90,
@@ -48,9 +49,7 @@ Also measured, not adopted (same val batch): AlphaEdit's projection of the updat
 (r = 200 / 500 / 1,000: 0.96 / 0.56 / 0.85, 0.93 / 0.50 / 0.89, 0.77 / 0.35 / 0.89); the same projection off other
 subjects' keys with λ kept, r = 200: 0.99 / 0.62 / 0.94, on protect_subjects' curve; an uneven residual split (35 % of
 what is missing per layer instead of 1 / layers left) 0.99 / 0.65 / 0.83; one layer (ROME's 8) with all five wordings,
-0.97 / 0.53 / 0.75. One fact at a time (bench `--batch-size 1`) MEMIT reaches 0.99 / 0.60 / 0.96: the paraphrase gap to
-ROME (0.72) comes from the recipe (δ at layer 7 spread over five layers), not from the batch (batch − single paraphrase
-+0.05 ± 0.03, unresolved). Time: the δ optimisation is compute-bound at ~2.6 s per fact on 2 CPU cores whatever the
+0.97 / 0.53 / 0.75. Time: the δ optimisation is compute-bound at ~2.6 s per fact on 2 CPU cores whatever the
 chunk (8 to 48 facts), and most facts use all 20 steps, so early stopping saves little.
 """
 import torch

@@ -254,6 +254,34 @@ def test_cached_prefix_logits_equal_full_forward(tiny, tok):
     assert (kl - ref_kl).abs().max() < 1e-4
 
 
+def test_rows_grouped_by_suffix_length_give_the_same_logits_without_padding(tiny, tok):
+    """v* runs its rows in groups of one suffix length: no padded token is computed, and every target and KL
+    logit is the one the padded batch gives (compared as sorted log-probabilities of the answer tokens)."""
+    model = tiny
+    requests = [ke.EditRequest(**REQUEST), ke.EditRequest("{} was born in the city of", "Barack Obama", "Paris")]
+    raw = keys_values._value_batch(tok, requests, ["", "Therefore it rained", "I"], keys_values.ASSOCIATION_WORDINGS)
+    assert keys_values._by_suffix_length(raw) == [raw]    # few rows: one padded group in its own order (one edit)
+    groups = keys_values._by_suffix_length(raw, min_tokens=1)
+    assert len(groups) > 1 and sum(len(g["rows"]) for g in groups) == len(raw["rows"])
+    assert sorted(t for g in groups for t in g["tgt_ids"]) == sorted(raw["tgt_ids"])
+    assert sum(len(g["kl_rows"]) for g in groups) == len(raw["kl_rows"])
+    cpu = torch.device("cpu")
+    deltas = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def answer_logprobs(batches):
+        tgt, kl, ids = [], [], []
+        for b in batches:
+            split = keys_values._split_at_subject(model, tok, b, 1, cpu)
+            assert split["mask"][:, -split["ids"].shape[1]:].all() or len(batches) == 1   # no padding in a group
+            t, k = keys_values._logits_at(model, split, deltas)
+            tgt.append(t.log_softmax(-1).gather(1, split["tgt_ids"][:, None]).squeeze(1))
+            kl.append(k.log_softmax(-1).max(-1).values)
+        return torch.cat(tgt).sort().values, torch.cat(kl).sort().values
+    (grouped_tgt, grouped_kl), (padded_tgt, padded_kl) = answer_logprobs(groups), answer_logprobs([raw])
+    assert (grouped_tgt - padded_tgt).abs().max() < 1e-4
+    assert (grouped_kl - padded_kl).abs().max() < 1e-4
+
+
 def test_wordings_are_extra_rows_with_the_target_after_each(tok):
     """v*'s batch: the prompt after each prefix, then each relation-free wording bare, then the KL row."""
     req = ke.EditRequest(**REQUEST)

@@ -27,7 +27,7 @@ _PREFIX_CACHE = {}
 ASSOCIATION_WORDINGS = ("{} is associated with", "The word most associated with {} is", "{}:",
                         "Speaking of {}, one thinks of", "Everyone knows that {} has to do with")
 # v*'s rows per group: the fewest suffix tokens worth a forward pass of their own (_by_suffix_length). On 2 CPU
-# cores, one chunk of 100 facts run in such groups took 2.1 s per fact, chunks of 16 padded 3.0 s (same δ)
+# cores, back to back, one chunk of 100 facts in such groups took 2.3 s per fact, chunks of 16 padded 3.0 s (same δ)
 GROUP_TOKENS = 256
 # Facts whose δ are optimised together. On a CPU a whole batch of up to 128 (large groups run at speed; a batch
 # of 100 peaks at ~5 GB on SmolLM2); on an accelerator 16, where memory is what runs out first (GPT-2 XL).

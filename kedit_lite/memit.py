@@ -53,8 +53,8 @@ what is missing per layer instead of 1 / layers left) 0.99 / 0.65 / 0.83; one la
 under λE[kkᵀ], the least-squares optimum when the layers' writes add up) 0.99 / 0.65 / 0.83.
 Time: the δ optimisation is compute-bound, and most facts use all 20 steps. Half of what it computed was padding
 (suffixes of 1 to 8 tokens padded to the longest); on a CPU the whole batch is now one chunk whose rows run in
-groups of one suffix length (keys_values._by_suffix_length): the same δ (cosine 1.000), 2.1 s per fact on 2 CPU cores instead of
-3.0 s, and the batch of 100 takes 2.5 s per request (3.4 s before), at ~5 GB peak memory.
+groups of one suffix length (keys_values._by_suffix_length): the same δ (cosine 1.000), 2.3 s per fact on 2 CPU
+cores instead of 3.0 s (back to back), and the batch of 100 takes 2.5 s per request (3.4 s before), at ~5 GB peak.
 """
 import torch
 

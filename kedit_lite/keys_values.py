@@ -225,11 +225,11 @@ def _by_suffix_length(batch, min_tokens=GROUP_TOKENS):
     for t, row in enumerate(batch["tgt_row"]):
         targets_of.setdefault(row, []).append(t)
     kl_rows = set(batch["kl_rows"])
+    pick = lambda key, idx: [batch[key][i] for i in idx]
     groups = []
     for rows in members:
         tgt = [t for i in rows for t in targets_of.get(i, [])]
         renumber = {i: j for j, i in enumerate(rows)}
-        pick = lambda key, idx: [batch[key][i] for i in idx]
         groups.append({"rows": pick("rows", rows), "subj_pos": pick("subj_pos", rows), "owner": pick("owner", rows),
                        "tgt_row": [renumber[batch["tgt_row"][t]] for t in tgt], "tgt_owner": pick("tgt_owner", tgt),
                        "tgt_pos": pick("tgt_pos", tgt), "tgt_ids": pick("tgt_ids", tgt),

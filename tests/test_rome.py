@@ -269,7 +269,7 @@ def test_rows_grouped_by_suffix_length_give_the_same_logits_without_padding(tiny
     deltas = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
 
     def answer_logprobs(batches):
-        tgt, kl, ids = [], [], []
+        tgt, kl = [], []
         for b in batches:
             split = keys_values._split_at_subject(model, tok, b, 1, cpu)
             assert split["mask"][:, -split["ids"].shape[1]:].all() or len(batches) == 1   # no padding in a group

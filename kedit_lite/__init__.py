@@ -1,15 +1,16 @@
 """kedit_lite: a small, readable model-editing library that backs the course "Model Editing, hands-on"."""
 from .adapters import ADAPTERS, describe, get_adapter, layer_module, num_layers
-from .data import lecture_case, load_cases, load_counterfact, load_lecture, load_zsre
+from .data import course_fact, lecture_case, load_cases, load_counterfact, load_course_facts, load_lecture, load_zsre
 from .editing import METHODS, EditResult, edit
 from .metrics import evaluate, generate, summarize
 from .models import DEFAULT_MODEL, load_model, pick_device
 from .requests import EditCase, EditError, EditRequest, Probe
 
 __version__ = "0.1.0"
-__all__ = ["ADAPTERS", "DEFAULT_MODEL", "EditCase", "EditError", "EditRequest", "EditResult", "METHODS", "Probe",
-           "describe", "edit", "evaluate", "generate", "get_adapter", "layer_module", "lecture_case", "load_cases",
-           "load_counterfact", "load_lecture", "load_model", "load_zsre", "num_layers", "pick_device", "summarize"]
+__all__ = ["ADAPTERS", "course_fact", "DEFAULT_MODEL", "describe", "edit", "EditCase", "EditError", "EditRequest",
+           "EditResult", "evaluate", "generate", "get_adapter", "layer_module", "lecture_case", "load_cases",
+           "load_counterfact", "load_course_facts", "load_lecture", "load_model", "load_zsre", "METHODS",
+           "num_layers", "pick_device", "Probe", "summarize"]
 
 from . import course  # noqa: E402
 

@@ -196,7 +196,7 @@ def _parser():
     parser = argparse.ArgumentParser(prog="python -m kedit_lite.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--method", action="append", help=f"one of {sorted(METHODS)}; repeatable")
     parser.add_argument("--all", action="store_true", help="every method available in this version")
-    parser.add_argument("--data", default="counterfact", choices=["counterfact", "zsre", "lecture"])
+    parser.add_argument("--data", default="counterfact", choices=["counterfact", "course", "zsre", "lecture"])
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--n", type=int, default=20, help="number of edit cases")
     parser.add_argument("--seed", type=int, default=None, help="sample cases at random with this seed")

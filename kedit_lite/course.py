@@ -1,8 +1,10 @@
 """Notebook plumbing shared by every chapter: switches, seeds, device, and small display helpers.
 
-Two neutral switches scale a chapter up without editing it:
+Neutral switches scale a chapter up without editing it:
     KEDIT_MODEL=gpt2-xl      a bigger Hugging Face model (online, best on a GPU); unset = embedded SmolLM2
     KEDIT_FULL_RUN=1         the full experiment instead of the fast default path
+    KEDIT_DATA=counterfact   experiments on CounterFact (the default under KEDIT_FULL_RUN=1); unset = the shipped
+                             course facts, so the default path needs no data directory and no network
 """
 import os
 import random
@@ -22,6 +24,7 @@ class CourseConfig:
     full_run: bool
     in_colab: bool
     seed: int
+    data: str = "course"  # where the chapters' experiment cases come from: "course" (shipped) or "counterfact"
 
 
 def seed_everything(seed=0):
@@ -46,12 +49,25 @@ def setup(seed=0, model=None):
                                     "font.size": 10})
     except ImportError:
         pass
+    full_run = os.environ.get("KEDIT_FULL_RUN", "0") == "1"
+    data = os.environ.get("KEDIT_DATA") or ("counterfact" if full_run else "course")
+    if data not in DATA_SOURCES:
+        raise ValueError(f"KEDIT_DATA: unknown data {data!r}; use one of {sorted(DATA_SOURCES)}")
     cfg = CourseConfig(model=model or os.environ.get("KEDIT_MODEL") or None, device=pick_device(),
-                       full_run=os.environ.get("KEDIT_FULL_RUN", "0") == "1",
-                       in_colab="google.colab" in sys.modules, seed=seed)
+                       full_run=full_run, in_colab="google.colab" in sys.modules, seed=seed, data=data)
     print(f"model={cfg.model or 'SmolLM2-135M-Instruct (embedded)'}  device={cfg.device}  "
-          f"full_run={cfg.full_run}  torch={torch.__version__}")
+          f"full_run={cfg.full_run}  data={DATA_SOURCES[data]}  torch={torch.__version__}")
     return cfg
+
+
+DATA_SOURCES = {"course": "course facts (shipped, written for the course)",
+                "counterfact": "CounterFact (KEDIT_DATA_DIR or download)"}
+
+
+def facts(cfg, split="val", n=None, seed=None):
+    """A chapter's experiment cases: the shipped course facts, or CounterFact when cfg.data says so."""
+    from .data import load_cases
+    return load_cases(cfg.data, split=split, n=n, seed=seed)
 
 
 def colab_url(notebook_path, repository=REPOSITORY, branch=BRANCH):

@@ -1,6 +1,9 @@
-"""Edit datasets: the course's own lecture cases (shipped), CounterFact and zsRE (read from a directory or downloaded).
+"""Edit datasets: the course's own cases (shipped), CounterFact and zsRE (read from a directory or downloaded).
 
-Chapter 2 explains the probes: paraphrase, reverse and portability (generalization) and locality.
+Shipped with the package, so every chapter's default path runs offline: the lecture and textbook cases
+(`load_lecture`) and the course facts (`load_course_facts`), CounterFact-shaped facts written for the course.
+CounterFact and zsRE come from $KEDIT_DATA_DIR (or `shared/data` beside the checkout), else from their original
+sources when online; KEDIT_OFFLINE=1 turns downloads off. Chapter 2 explains the probes.
 """
 import json
 import os
@@ -57,8 +60,18 @@ def lecture_case(case_id):
     raise KeyError(f"case_id: no lecture case {case_id!r}; available ids: {ids}")
 
 
+def downloads_allowed():
+    """False when KEDIT_OFFLINE=1 (or Hugging Face's HF_HUB_OFFLINE=1): loaders then never touch the network."""
+    return not any(os.environ.get(v, "0") not in ("", "0") for v in ("KEDIT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
 def _download(name, dest):
     url = SOURCES[name]
+    if not downloads_allowed():
+        raise FileNotFoundError(
+            f"data_dir: no local copy of {name} and downloads are off (KEDIT_OFFLINE=1). Set KEDIT_DATA_DIR to a "
+            "directory with counterfact/{train,val}.json and zsre/sample.json (EasyEdit/MEND formats), or use the "
+            "shipped course facts: ke.load_cases('course')")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -81,6 +94,29 @@ def _locate(name, filename, data_dir_arg):
     from .models import cache_dir
     cached = cache_dir() / "data" / f"{name}_original.json"
     return (cached if cached.exists() else _download(name, cached)), "original"
+
+
+def load_course_facts(split="val", n=None, seed=None):
+    """The course facts: CounterFact-shaped edits written for the course, shipped (chapters' default data)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    raw = json.loads((_PACKAGE_DATA / "course_facts_en.json").read_text(encoding="utf-8"))
+    cases = []
+    for r in _sample([r for r in raw if r["split"] == split], n, seed):
+        req = EditRequest(r["prompt"], r["subject"], r["target_new"], r["target_true"])
+        cases.append(EditCase(req, paraphrase=[Probe(p, r["target_new"]) for p in r["paraphrase"]],
+                              locality=[Probe(p, r["target_true"]) for p in r["neighbourhood"]],
+                              meta={"id": r["id"], "source": "course", "relation": r["relation"]}))
+    return cases
+
+
+def course_fact(case_id):
+    """One course fact by id, e.g. 'maker-xbox' (the ids are listed in kedit_lite/data/course_facts_en.json)."""
+    for split in ("val", "train"):
+        for case in load_course_facts(split):
+            if case.meta["id"] == case_id:
+                return case
+    raise KeyError(f"case_id: no course fact {case_id!r}; see kedit_lite/data/course_facts_en.json for the ids")
 
 
 def _sample(records, n, seed):
@@ -119,7 +155,12 @@ def load_counterfact(split="val", n=None, seed=None, data_dir=None):
 
 def counterfact_subjects(split="train", n=500, data_dir=None):
     """The distinct subjects of the first `n` CounterFact records of `split` (MEMIT's other_subjects, chapter 5)."""
-    return list(dict.fromkeys(c.request.subject for c in load_counterfact(split, n=n, data_dir=data_dir)))
+    return subjects(load_counterfact(split, n=n, data_dir=data_dir))
+
+
+def subjects(cases):
+    """The distinct subjects of some edit cases, in order."""
+    return list(dict.fromkeys(c.request.subject for c in cases))
 
 
 def load_zsre(n=None, seed=None, data_dir=None):
@@ -138,11 +179,13 @@ def load_zsre(n=None, seed=None, data_dir=None):
 
 
 def load_cases(name, split="val", n=None, seed=None, data_dir=None):
-    """Dispatch by dataset name: 'lecture', 'counterfact' or 'zsre'."""
+    """Dispatch by dataset name: 'lecture', 'course' (the shipped course facts), 'counterfact' or 'zsre'."""
     if name == "lecture":
         return _sample(load_lecture(), n, seed)
+    if name == "course":
+        return load_course_facts(split, n, seed)
     if name == "counterfact":
         return load_counterfact(split, n, seed, data_dir)
     if name == "zsre":
         return load_zsre(n, seed, data_dir)
-    raise ValueError(f"data: unknown dataset {name!r}; use 'lecture', 'counterfact' or 'zsre'")
+    raise ValueError(f"data: unknown dataset {name!r}; use 'lecture', 'course', 'counterfact' or 'zsre'")

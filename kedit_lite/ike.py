@@ -137,10 +137,10 @@ def _check_hparams(k, mix, pool, chat, seed, reserve_tokens):
         raise EditError(f"reserve_tokens: expected a positive integer (tokens left for question + answer), "
                         f"got {reserve_tokens!r}")
     if pool is not None and not isinstance(pool, (str, list, tuple)):
-        raise EditError(f"pool: expected None, 'counterfact', 'lecture' or a list of EditCase/PoolRecord, "
+        raise EditError(f"pool: expected None, 'counterfact', 'course', 'lecture' or a list of EditCase/PoolRecord, "
                         f"got {type(pool).__name__}")
-    if isinstance(pool, str) and pool not in ("counterfact", "lecture"):
-        raise EditError(f"pool: unknown pool {pool!r}; use 'counterfact', 'lecture' or a list of EditCase")
+    if isinstance(pool, str) and pool not in ("counterfact", "course", "lecture"):
+        raise EditError(f"pool: unknown pool {pool!r}; use 'counterfact', 'course', 'lecture' or a list of EditCase")
     if isinstance(pool, (list, tuple)) and not pool:
         raise EditError("pool: empty list; pass some EditCase records, or None for the default pool")
 
@@ -153,10 +153,10 @@ def touched_parameters(model, requests, k=DEFAULT_K, mix="paper", pool=None, cha
 
 
 def _named_pool(name):
-    """Records + embeddings of a named pool ('counterfact' = CounterFact train, 'lecture'), cached per process."""
+    """Records + embeddings of a named pool ('counterfact' / 'course': their train split; 'lecture'), cached."""
     if name not in _POOLS:
-        from .data import load_counterfact, load_lecture
-        cases = load_counterfact("train") if name == "counterfact" else load_lecture()
+        from .data import load_cases
+        cases = load_cases(name, split="train")
         records = [record_from_case(c) for c in cases]
         _POOLS[name] = (records, None)
     records, emb = _POOLS[name]
@@ -168,12 +168,12 @@ def _named_pool(name):
 
 
 def resolve_pool(pool=None):
-    """(name, records, embeddings): CounterFact train when available, else the lecture cases; or a custom list."""
+    """(name, records, embeddings): CounterFact train when available, else the course facts; or a custom list."""
     if pool is None:
         try:
             return _named_pool("counterfact")
         except (FileNotFoundError, OSError):
-            return _named_pool("lecture")
+            return _named_pool("course")
     if isinstance(pool, str):
         return _named_pool(pool)
     from .requests import EditCase

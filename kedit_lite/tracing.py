@@ -393,13 +393,15 @@ def _as_fact(item):
 
 
 @torch.no_grad()
-def known_facts(model, tok, sources=("lecture", "counterfact"), n=None, counterfact_n=600, batch_size=32):
+def known_facts(model, tok, sources=("lecture", "course"), n=None, counterfact_n=600, batch_size=32):
     """Facts the model knows: its greedy next token is the first token of the stated true answer (chapter 4)."""
-    from .data import load_counterfact, load_lecture
+    from .data import load_counterfact, load_course_facts, load_lecture
     candidates, seen = [], set()
     items = []
     if "lecture" in sources:
         items += load_lecture()
+    if "course" in sources:
+        items += load_course_facts("val") + load_course_facts("train")
     if "counterfact" in sources:
         try:
             items += load_counterfact("val", n=counterfact_n, seed=0)

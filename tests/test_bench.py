@@ -148,3 +148,14 @@ def test_paired_difference_on_the_committed_runs():
     by = {r["method"]: r for r in bench.load_results("counterfact_val.json")["results"]}
     got = bench.paired_difference(by["rome"], by["ft"], "paraphrase.token_acc")
     assert got["difference"] > 3 * got["standard_error"] > 0
+
+
+def test_bench_runs_offline_on_the_course_facts(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDIT_DATA_DIR", str(tmp_path))   # no CounterFact reachable: the shipped facts suffice
+    monkeypatch.setenv("KEDIT_OFFLINE", "1")
+    out = tmp_path / "course.json"
+    bench.main(["--method", "ike", "--data", "course", "--n", "2", "--no-generation", "--hparams", '{"k": 0}',
+                "--json", str(out)])
+    data = json.loads(out.read_text(encoding="utf-8"))
+    check_layout(data)
+    assert data["meta"]["data"] == "course" and data["meta"]["n"] == 2

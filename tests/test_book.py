@@ -47,7 +47,7 @@ def test_toc_order():
     assert files[:2] == ["book/intro", "book/how_to_use"]
     n = len(CHAPTERS)
     assert files[2:2 + n] == [f"notebooks/{c}" for c in CHAPTERS]
-    assert files[2 + n:] == ["book/glossary", "book/references"]
+    assert files[2 + n:] == ["book/glossary", "book/references", "book/execution"]
 
 
 @pytest.mark.parametrize("entry", toc_files())
@@ -148,3 +148,16 @@ def test_glossary_has_the_terms_and_valid_links():
     assert len(rows) >= 30
     for target in set(re.findall(r"\]\(\.\./(notebooks/[^)]+)\)", text)):
         assert (ROOT / target).is_file(), f"glossary links to missing {target}"
+
+
+# Loaders that need a data directory or the network; a chapter's default path must not call them directly
+# (it asks ke.course.facts, which serves the shipped course facts unless KEDIT_DATA / KEDIT_FULL_RUN say otherwise).
+NEEDS_DATA = re.compile(r"\b(load_counterfact|load_zsre|counterfact_subjects)\(|load_cases\(\s*[\"'](counterfact|zsre)")
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
+def test_default_path_needs_no_dataset(path):
+    for i, cell in enumerate(load(path)["cells"]):
+        if cell["cell_type"] == "code":
+            hit = NEEDS_DATA.search("".join(cell["source"]))
+            assert not hit, f"{path.name} cell {i} calls {hit.group(0)!r}: use ke.course.facts(cfg, ...)"

@@ -176,3 +176,13 @@ def test_ike_on_smollm2_changes_answers_not_weights(smol):
     assert chat.context.startswith("<|im_start|>system\n") and chat.context.endswith("assistant\nPrompt: ")
     assert "New Fact: The Space Needle is located in the city of Taipei<|im_end|>" in chat.context
     assert_same_weights(model, saved)
+
+
+def test_default_pool_falls_back_to_the_course_facts_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDIT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KEDIT_OFFLINE", "1")
+    monkeypatch.setattr(ike, "_POOLS", {})           # nothing loaded earlier in this process
+    name, records, emb = ike.resolve_pool(None)
+    assert name == "course" and len(records) == len(ke.load_course_facts("train")) == emb.shape[0]
+    assert all(r.paraphrase and r.neighbour and r.neighbour_answer for r in records)

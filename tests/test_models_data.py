@@ -87,3 +87,57 @@ def test_offline_without_data_fails_clearly(tmp_path, monkeypatch):
                                           "zsre": "http://127.0.0.1:9/none.json"})
     with pytest.raises(FileNotFoundError, match="KEDIT_DATA_DIR"):
         ke.load_counterfact("val")
+
+
+def test_downloads_off_never_touch_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDIT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KEDIT_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a loader reached for the network with KEDIT_OFFLINE=1")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    for load in (lambda: ke.load_counterfact("train"), lambda: ke.load_zsre()):
+        with pytest.raises(FileNotFoundError, match="KEDIT_OFFLINE=1.*KEDIT_DATA_DIR"):
+            load()
+    assert data.downloads_allowed() is False
+    monkeypatch.setenv("KEDIT_OFFLINE", "0")
+    assert data.downloads_allowed() is True
+
+
+def test_course_facts_are_counterfact_shaped():
+    train, val = ke.load_course_facts("train"), ke.load_course_facts("val")
+    assert len(train) >= 80 and len(val) >= 50
+    ids = [c.meta["id"] for c in train + val]
+    assert len(ids) == len(set(ids))
+    assert not {c.request.subject for c in train} & {c.request.subject for c in val}, "a subject in both splits"
+    for c in train + val:
+        req = c.request
+        assert req.target_true and req.target_true != req.target_new, c.meta["id"]
+        assert c.paraphrase and all(req.subject in p.prompt and p.answer == req.target_new for p in c.paraphrase)
+        assert c.locality and all(req.subject not in p.prompt and p.answer == req.target_true for p in c.locality)
+    assert len({c.meta["relation"] for c in val}) >= 10
+    assert [c.meta["id"] for c in ke.load_cases("course", "val", n=5, seed=3)] == \
+           [c.meta["id"] for c in ke.load_course_facts("val", n=5, seed=3)]
+
+
+def test_course_switch_picks_the_data(monkeypatch):
+    monkeypatch.delenv("KEDIT_DATA", raising=False)
+    monkeypatch.delenv("KEDIT_FULL_RUN", raising=False)
+    cfg = ke.course.setup()
+    assert cfg.data == "course" and ke.course.facts(cfg, "val", n=3)[0].meta["source"] == "course"
+    monkeypatch.setenv("KEDIT_FULL_RUN", "1")
+    assert ke.course.setup().data == "counterfact"
+    monkeypatch.setenv("KEDIT_DATA", "course")
+    assert ke.course.setup().data == "course"
+    monkeypatch.setenv("KEDIT_DATA", "wikipedia")
+    with pytest.raises(ValueError, match="KEDIT_DATA"):
+        ke.course.setup()
+
+
+def test_course_fact_by_id():
+    xbox = ke.course_fact("maker-xbox")
+    assert xbox.request.prompt_text == "Xbox is produced by" and xbox.request.target_true == "Microsoft"
+    with pytest.raises(KeyError, match="case_id"):
+        ke.course_fact("nope")

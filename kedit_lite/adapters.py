@@ -66,13 +66,14 @@ def num_layers(model):
 
 def check_layer(model, layer, field="layer"):
     """Raise a clear error unless 0 <= layer < num_layers(model); return the layer as an int."""
+    from .checks import is_integer
     n = num_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int):
+    if not is_integer(layer):   # numpy integers are fine, bools are not layer numbers
         raise TypeError(f"{field}: expected an integer layer index in [0, {n - 1}], got {layer!r}")
     if not 0 <= layer < n:
         raise ValueError(f"{field}: layer {layer} is out of range; this model has {n} layers, "
                          f"so use an index from 0 to {n - 1}")
-    return layer
+    return int(layer)
 
 
 def module_name(model, kind, layer=None):

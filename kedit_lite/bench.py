@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_cases
-from .editing import METHODS, edit, get_method
+from .editing import METHODS, check_options, edit, get_method
 from .metrics import KINDS, evaluate, summarize
-from .models import load_model, model_name
+from .models import load_model, model_name, pick_device
 from .requests import EditError
 
 SCHEMA = 2  # version of the JSON layout written by main(); chapter 9 checks it
@@ -240,6 +240,19 @@ def _parse(argv):
     if not isinstance(args.hparams, dict):
         parser.error(f"--hparams: expected a JSON object like '{{\"steps\": 10}}', got {json.dumps(args.hparams)}")
     args.methods = _methods(parser, args)
+    refused = []
+    for method in args.methods:
+        try:
+            check_options(method, hparams_for(method, args.hparams))
+        except EditError as err:
+            refused.append(str(err))
+    # --all tolerates options only some methods take (the others fail and are reported); none taking them is a typo
+    if refused and (not args.all or len(refused) == len(args.methods)):
+        parser.error(f"--hparams: {refused[0]}")
+    try:
+        pick_device(args.device)
+    except ValueError as err:
+        parser.error(f"--{err}")
     return args
 
 
@@ -271,6 +284,8 @@ def main(argv=None):
             results.append(run_method(model, tok, cases, method, batch, not args.no_generation,
                                       hparams_for(method, args.hparams), befores))
         except Exception as err:  # noqa: BLE001 (with --all, one method's failure must not lose the others' hour)
+            if not args.all and isinstance(err, EditError):   # a bad option value: a usage error, not a traceback
+                _parser().error(f"--method {method}: {err}")
             if not args.all:
                 raise
             failed[method] = f"{type(err).__name__}: {err}"

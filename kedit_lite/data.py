@@ -11,7 +11,8 @@ import random
 import urllib.request
 from pathlib import Path
 
-from .requests import EditCase, EditRequest, Probe
+from . import checks
+from .requests import EditCase, EditError, EditRequest, Probe
 
 _PACKAGE_DATA = Path(__file__).parent / "data"
 # Original sources, used only when no local copy exists and the machine is online.
@@ -31,6 +32,35 @@ def data_dir():
         if candidate.is_dir():
             return candidate
     return None
+
+
+def _read_records(path):
+    """The JSON list in `path`; a file that is not one raises a ValueError naming it."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"data: {path} is not a JSON file ({err}); pass a JSON list of records") from err
+    if not isinstance(records, list):
+        raise ValueError(f"data: {path} holds a JSON {type(records).__name__}, not a list of records; pass a file "
+                         "whose top level is a list [{...}, {...}]")
+    return records
+
+
+def _build_all(path, numbered, build):
+    """build(record) for each (index in the file, record); a bad record raises naming the file, index and field."""
+    cases = []
+    for i, r in numbered:
+        try:
+            cases.append(build(r))
+        except KeyError as err:
+            raise ValueError(f"data: {path} record {i} has no field {err}; every record needs the fields of its "
+                             "format (see the loader's docstring)") from err
+        except (TypeError, AttributeError) as err:
+            raise ValueError(f"data: {path} record {i} is malformed ({err}); expected an object with string "
+                             "fields") from err
+        except EditError as err:
+            raise EditError(f"data: {path} record {i}: {err}") from err
+    return cases
 
 
 def _probes(items):
@@ -120,10 +150,10 @@ def course_fact(case_id):
 
 
 def _sample(records, n, seed):
+    if n is not None:
+        n = checks.integer("n", n, 1, hint="pass a positive number of records, or None for all")
     if n is None or n >= len(records):
         return records
-    if n <= 0:
-        raise ValueError(f"n: must be a positive number of records, got {n}")
     return random.Random(seed).sample(records, n) if seed is not None else records[:n]
 
 
@@ -140,17 +170,18 @@ def load_counterfact(split="val", n=None, seed=None, data_dir=None):
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
     path, origin = _locate("counterfact", f"{split}.json", data_dir)
-    records = json.loads(path.read_text(encoding="utf-8"))
+    numbered = list(enumerate(_read_records(path)))
     if origin == "original":  # the original file is one list; make a deterministic 10% val split
-        records = [_from_original_counterfact(r) for r in records]
-        records = [r for i, r in enumerate(records) if (i % 10 == 0) == (split == "val")]
-    cases = []
-    for r in _sample(records, n, seed):
-        req = EditRequest(r["prompt"], r["subject"], r["target_new"], r.get("ground_truth"))
-        cases.append(EditCase(req, paraphrase=[Probe(r["rephrase_prompt"], r["target_new"])],
-                              locality=[Probe(r["locality_prompt"], r["locality_ground_truth"])],
-                              meta={"id": r.get("case_id"), "source": "counterfact"}))
-    return cases
+        numbered = [(i, r) for i, r in numbered if (i % 10 == 0) == (split == "val")]
+    convert = _from_original_counterfact if origin == "original" else (lambda r: r)
+    return _build_all(path, _sample(numbered, n, seed), lambda r: _counterfact_case(convert(r)))
+
+
+def _counterfact_case(r):
+    req = EditRequest(r["prompt"], r["subject"], r["target_new"], r.get("ground_truth"))
+    return EditCase(req, paraphrase=[Probe(r["rephrase_prompt"], r["target_new"])],
+                    locality=[Probe(r["locality_prompt"], r["locality_ground_truth"])],
+                    meta={"id": r.get("case_id"), "source": "counterfact"})
 
 
 def counterfact_subjects(split="train", n=500, data_dir=None):
@@ -166,22 +197,28 @@ def subjects(cases):
 def load_zsre(n=None, seed=None, data_dir=None):
     """zsRE question-answering edits (MEND format: src -> alt, rephrase, loc/loc_ans)."""
     path, _ = _locate("zsre", "sample.json", data_dir)
-    records = json.loads(path.read_text(encoding="utf-8"))
-    cases = []
-    for i, r in enumerate(_sample(records, n, seed)):
-        prompt = r["src"] if r["subject"] in r["src"] else f"{r['subject']}: {r['src']}"
-        req = EditRequest(prompt, r["subject"], r["alt"], (r.get("answers") or [None])[0])
-        loc_q, _, _ = r["loc"].partition("?")
-        cases.append(EditCase(req, paraphrase=[Probe(r["rephrase"], r["alt"])],
-                              locality=[Probe(loc_q.strip() + "?", r["loc_ans"])],
-                              meta={"id": i, "source": "zsre"}))
+    cases = _build_all(path, _sample(list(enumerate(_read_records(path))), n, seed), _zsre_case)
+    for k, case in enumerate(cases):  # the id is the position among the loaded cases
+        case.meta["id"] = k
     return cases
+
+
+def _zsre_case(r):
+    prompt = r["src"] if r["subject"] in r["src"] else f"{r['subject']}: {r['src']}"
+    req = EditRequest(prompt, r["subject"], r["alt"], (r.get("answers") or [None])[0])
+    loc_q, _, _ = r["loc"].partition("?")
+    return EditCase(req, paraphrase=[Probe(r["rephrase"], r["alt"])],
+                    locality=[Probe(loc_q.strip() + "?", r["loc_ans"])], meta={"id": None, "source": "zsre"})
 
 
 def load_cases(name, split="val", n=None, seed=None, data_dir=None):
     """Dispatch by dataset name: 'lecture', 'course' (the shipped course facts), 'counterfact' or 'zsre'."""
     if name == "lecture":
-        return _sample(load_lecture(), n, seed)
+        cases = load_lecture()
+        if n is not None and checks.is_integer(n) and n > len(cases):  # the other datasets cap n (chapters rely on it)
+            raise ValueError(f"n: asked for {n} lecture cases, but there are {len(cases)}; pass n <= {len(cases)}, "
+                             "or n=None for all of them")
+        return _sample(cases, n, seed)
     if name == "course":
         return load_course_facts(split, n, seed)
     if name == "counterfact":

@@ -4,15 +4,22 @@ A method is a module with two functions:
     touched_parameters(model, requests, **hparams) -> [parameter names it will change]   (validates hparams)
     apply(model, tok, requests, **hparams) -> dict with optional "context", "restore", "info"
 `edit()` snapshots the touched parameters first, so a failed edit or `undo()` restores them bit for bit.
+Undo order: each model keeps its live edits in order; `undo()` refuses (EditError, nothing changes) while a later
+live edit changed some of the same weights, since restoring the snapshot would silently erase that edit too.
+Edits on other weights, IKE contexts and T-Patcher patches undo in any order.
 """
 import importlib
 import inspect
+import itertools
 import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from . import checks
 from .requests import EditError, as_request_list
 
 # method name -> module; each module is one algorithm, readable beside its chapter.
@@ -22,7 +29,10 @@ METHODS = {"ft": "kedit_lite.ft", "ike": "kedit_lite.ike", "rome": "kedit_lite.r
 
 def get_method(name):
     """The method module for `name`, with a clear error for unknown or not-yet-available methods."""
-    key = str(name).lower().replace("_", "-") if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise EditError(f"method: expected a method name (a string), got {type(name).__name__} {name!r}; choose one "
+                        f"of {sorted(METHODS)}")
+    key = name.lower().replace("_", "-")
     if key == "tpatcher":
         key = "t-patcher"
     if key not in METHODS:
@@ -33,6 +43,11 @@ def get_method(name):
         if err.name == METHODS[key]:
             raise EditError(f"method: {key!r} is not available in this version of kedit_lite yet") from err
         raise
+
+
+def check_options(method, hparams):
+    """Refuse an unknown method or option names it does not take (values are checked when editing)."""
+    _check_hparams(get_method(method), method, hparams)
 
 
 def _check_hparams(module, name, hparams):
@@ -97,21 +112,87 @@ class EditResult:
     _snapshot: dict = field(default=None, repr=False)
     _restore_extra: object = field(default=None, repr=False)
     _model: object = field(default=None, repr=False)
+    _serial: int = field(default=0, repr=False)
 
     def undo(self):
-        """Put the model back exactly as it was before this edit (bit-identical weights, patches removed)."""
+        """Put this edit's weights back exactly as they were before it (bit-identical), patches removed."""
         if self.undone:
             raise RuntimeError("undo: this edit was already undone")
+        _check_undo_order(self)
         _restore(self._model, self._snapshot)
         if self._restore_extra is not None:
             self._restore_extra()
         self.context, self.undone = "", True
+        _forget(self)
         return self
 
     def evaluate(self, model, tok, case, **kwargs):
         """evaluate() with this edit's context (so IKE and weight edits are scored the same way)."""
         from .metrics import evaluate
         return evaluate(model, tok, case, context=self.context, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Live:
+    """A model's record of one live edit: what it touched, and the result (a weak reference: results may be dropped)."""
+    serial: int
+    label: str
+    touched: frozenset
+    result: weakref.ref
+
+
+_LIVE = weakref.WeakKeyDictionary()   # model -> [_Live], oldest first
+_SERIALS = itertools.count(1)
+
+
+def _label(result):
+    first = f", {result.requests[0].subject!r} -> {result.requests[0].target_new!r}" if result.requests else ""
+    more = f" +{len(result.requests) - 1} more" if len(result.requests) > 1 else ""
+    return f"edit #{result._serial} ({result.method}{first}{more})"
+
+
+def _remember(model, result):
+    """Put `result` on top of the model's live edits; drop dropped results no earlier live edit could be blocked by."""
+    result._serial = next(_SERIALS)
+    live = _LIVE.setdefault(model, [])
+    while live and live[0].result() is None:
+        live.pop(0)
+    live.append(_Live(result._serial, _label(result), frozenset(result.touched), weakref.ref(result)))
+    return result
+
+
+def _forget(result):
+    live = _LIVE.get(result._model, [])
+    live[:] = [e for e in live if e.serial != result._serial]
+
+
+def _check_undo_order(result):
+    """Refuse to undo while a later live edit changed some of the same weights (its change would be lost)."""
+    live = _LIVE.get(result._model, [])
+    mine = next((i for i, e in enumerate(live) if e.serial == result._serial), None)
+    if mine is None:
+        return
+    later = [e for e in live[mine + 1:] if e.touched & live[mine].touched]
+    if later:
+        names = ", ".join(e.label + ("" if e.result() is not None else " (no longer referenced, so it can never be "
+                                                                           "undone)") for e in reversed(later))
+        raise EditError(f"undo: {live[mine].label} cannot be undone yet: later edits changed the same weights; "
+                        f"undo them first, newest first: {names}")
+
+
+@contextmanager
+def _grads_kept(model):
+    """Run with every weight frozen and without .grad; then give each back its requires_grad and .grad."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    for p, _, _ in saved:
+        p.requires_grad_(False)
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
 
 
 def _snapshot(model, names):
@@ -131,16 +212,19 @@ def _restore(model, snapshot):
 
 def edit(model, tok, requests, method="rome", **hparams):
     """Apply `method` to make the model give each request's target_new; returns an EditResult with undo()."""
+    checks.model_and_tokenizer(model, tok)
     module = get_method(method)
     _check_hparams(module, method, hparams)
     reqs = as_request_list(requests)
+    checks.no_conflicts(reqs)
+    checks.fits_context(model, tok, reqs)
     if hasattr(module, "check_requests"):
         module.check_requests(model, tok, reqs, **hparams)
     names = module.touched_parameters(model, reqs, **hparams)
     snapshot = _snapshot(model, names)
     device = next(model.parameters()).device
     try:
-        with _PeakMemory(device) as mem:
+        with _grads_kept(model), _PeakMemory(device) as mem:
             start = time.perf_counter()
             out = module.apply(model, tok, reqs, **hparams) or {}
             if device.type == "cuda":
@@ -153,9 +237,9 @@ def edit(model, tok, requests, method="rome", **hparams):
     except BaseException:
         _restore(model, snapshot)
         raise
-    return EditResult(method=method, requests=reqs, seconds=seconds, peak_memory_mb=mem.peak_mb, touched=names,
-                      context=out.get("context", ""), info=out.get("info", {}), _snapshot=snapshot,
-                      _restore_extra=out.get("restore"), _model=model)
+    return _remember(model, EditResult(method=method, requests=reqs, seconds=seconds, peak_memory_mb=mem.peak_mb,
+                                       touched=names, context=out.get("context", ""), info=out.get("info", {}),
+                                       _snapshot=snapshot, _restore_extra=out.get("restore"), _model=model))
 
 
 def edit_weights(model, names, update, method="manual", info=None):
@@ -175,5 +259,5 @@ def edit_weights(model, names, update, method="manual", info=None):
     except BaseException:
         _restore(model, snapshot)
         raise
-    return EditResult(method=method, requests=[], seconds=seconds, peak_memory_mb=mem.peak_mb, touched=list(names),
-                      info=info or {}, _snapshot=snapshot, _model=model)
+    return _remember(model, EditResult(method=method, requests=[], seconds=seconds, peak_memory_mb=mem.peak_mb,
+                                       touched=list(names), info=info or {}, _snapshot=snapshot, _model=model))

@@ -7,6 +7,7 @@ With layers="all", params="all", norm_constraint=None it is plain post-training 
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .adapters import check_layer, get_adapter, module_name, num_layers
 from .requests import EditError
 from .tokens import answer_nll, encode_pairs
@@ -20,11 +21,14 @@ def _layers(model, layers):
         layers = DEFAULT_LAYER.get(model.config.name_or_path, num_layers(model) // 3)
     if layers == "all":
         return list(range(num_layers(model)))
-    if isinstance(layers, int) and not isinstance(layers, bool):
+    if checks.is_integer(layers):
         layers = [layers]
     if not isinstance(layers, (list, tuple)) or not layers:
         raise EditError(f"layers: expected an int, a non-empty list of ints or 'all', got {layers!r}")
-    return [check_layer(model, layer, "layers") for layer in layers]
+    try:
+        return [check_layer(model, layer, "layers") for layer in layers]
+    except (TypeError, ValueError) as err:
+        raise EditError(str(err)) from err
 
 
 def touched_parameters(model, requests, layers=None, params="mlp_out", **_):
@@ -42,12 +46,12 @@ def touched_parameters(model, requests, layers=None, params="mlp_out", **_):
 def apply(model, tok, requests, layers=None, params="mlp_out", lr=1e-3, steps=30, norm_constraint=5e-3,
           target_loss=1e-2, progress=False):
     """Fine-tune the chosen weights until the targets are likely (or `steps` run out)."""
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise EditError(f"lr: expected a positive learning rate, got {lr!r}")
-    if not (isinstance(steps, int) and steps > 0):
-        raise EditError(f"steps: expected a positive integer, got {steps!r}")
-    if norm_constraint is not None and not norm_constraint > 0:
-        raise EditError(f"norm_constraint: expected a positive number or None, got {norm_constraint!r}")
+    checks.learning_rate(lr)
+    steps = checks.integer("steps", steps, 1)
+    if norm_constraint is not None:
+        checks.number("norm_constraint", norm_constraint, 0, open_low=True, desc="a positive number or None")
+    checks.number("target_loss", target_loss, 0, hint="the loss at which training stops early, e.g. 1e-2")
+    checks.flag("progress", progress)
     names = touched_parameters(model, requests, layers, params)
     all_params = dict(model.named_parameters())
     weights = [all_params[n] for n in names]

@@ -21,6 +21,7 @@ Several requests in one edit: their new facts are joined into one "New Fact:" li
 import random
 from dataclasses import dataclass
 
+from .checks import context_window
 from .requests import EditError
 from .tokens import join
 
@@ -228,14 +229,6 @@ def build_context(tok, requests, demos, chat=False):
     messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": body}]
     # The assistant's turn is pre-filled with "Prompt: ", so appending the question continues that turn.
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "Prompt: "
-
-
-def context_window(model, tok):
-    """The model's maximum sequence length in tokens (None if it does not say)."""
-    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if n is None and 0 < getattr(tok, "model_max_length", 0) < 10**7:
-        n = tok.model_max_length
-    return n
 
 
 def _drop_one(demos, counts):

@@ -58,11 +58,12 @@ cores instead of 3.0 s (back to back), and the batch of 100 takes 2.5 s per requ
 """
 import torch
 
+from . import checks
 from .adapters import as_out_in, check_layer, get_module, mlp_out_weight_name, module_name, num_layers
 from .keys_values import (ASSOCIATION_WORDINGS, compute_deltas, context_prefixes, read_at_subject,
                           subject_start_keys)
 from .requests import EditError
-from .rome import _positive, check_hparams, default_layer
+from .rome import check_hparams, default_layer
 from .stats import DEFAULT_N_TOKENS, second_moments
 
 RIDGE = 0.1   # relative to the mean eigenvalue of E[kkᵀ]; like ROME's "+ I"
@@ -76,15 +77,15 @@ DEFAULT_LAST_LAYER = {"SmolLM2-135M-Instruct": 7}
 
 def default_layers(model):
     """N_LAYERS consecutive layers ending at the table's layer, else two above the ROME layer (clipped)."""
-    from .models import model_name
+    from .models import loaded_name
     n = num_layers(model)
-    last = min(n - 1, DEFAULT_LAST_LAYER.get(model_name(model), default_layer(model) + 2))
+    last = min(n - 1, DEFAULT_LAST_LAYER.get(loaded_name(model), default_layer(model) + 2))
     return list(range(max(0, last - N_LAYERS + 1), last + 1))
 
 
 def _layers(model, layers):
     layers = default_layers(model) if layers is None else layers
-    if isinstance(layers, int) and not isinstance(layers, bool):
+    if checks.is_integer(layers):
         layers = [layers]
     if not isinstance(layers, (list, tuple)) or not layers:
         raise EditError(f"layers: expected an int or a non-empty list of ints, got {layers!r}")
@@ -101,10 +102,9 @@ def touched_parameters(model, requests, layers=None, mom2_update_weight=1500.0, 
                        center_deltas=False, protect_subjects=0.0, other_subjects=None, **hparams):
     """MEMIT changes the MLP down projection of every layer in the range."""
     check_hparams(**hparams)
-    if not isinstance(center_deltas, bool):
-        raise EditError(f"center_deltas: expected True or False, got {center_deltas!r}")
-    _positive("mom2_update_weight", mom2_update_weight)
-    _positive("protect_subjects", protect_subjects, allow_zero=True)
+    checks.flag("center_deltas", center_deltas)
+    checks.number("mom2_update_weight", mom2_update_weight, 0, open_low=True)
+    checks.number("protect_subjects", protect_subjects, 0)
     names_ok = isinstance(other_subjects, (list, tuple)) and other_subjects and all(
         isinstance(s, str) and s.strip() for s in other_subjects)
     if not (other_subjects is None or other_subjects == "counterfact" or names_ok):
@@ -113,9 +113,7 @@ def touched_parameters(model, requests, layers=None, mom2_update_weight=1500.0, 
     if protect_subjects and other_subjects is None:
         raise EditError("other_subjects: protect_subjects needs subjects to protect: pass a list of names, or "
                         "'counterfact' for the subjects of 500 CounterFact train records")
-    if not (isinstance(keep_shared, (int, float)) and not isinstance(keep_shared, bool) and 0 <= keep_shared <= 1):
-        raise EditError(f"keep_shared: expected a number from 0 to 1 (1 keeps MEMIT's δ as they are), "
-                        f"got {keep_shared!r}")
+    checks.number("keep_shared", keep_shared, 0, 1, hint="1 keeps MEMIT's δ as they are")
     return [mlp_out_weight_name(model, layer) for layer in _layers(model, layers)]
 
 
@@ -148,7 +146,7 @@ def apply(model, tok, requests, layers=None, steps=20, lr=0.5, kl_factor=0.0625,
                        prefix_len=prefix_len, mom2_n_tokens=mom2_n_tokens, mom2_source=mom2_source,
                        mom2_adjustment=mom2_adjustment, bare_key=bare_key, stop_loss=stop_loss, wordings=wordings)
     if chunk is not None:   # None: keys_values.CHUNK for the device
-        _positive("chunk", chunk, integer=True)
+        checks.integer("chunk", chunk, 1)
     if center_deltas and (len(requests) < 2 or (chunk or 2) < 2):
         raise EditError(f"center_deltas: needs a batch of 2 or more facts and chunk >= 2 (a fact alone has no "
                         f"shared part to leave out); got {len(requests)} facts, chunk {chunk}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checks
 from .adapters import as_out_in, get_adapter, get_module, module_name, num_layers
 from .hooks import patch, record, replay
 from .models import model_name
@@ -268,8 +269,12 @@ def load_editor(path):
     if not path.exists():
         raise EditError(f"checkpoint: {path} does not exist; pass the path of a MEND checkpoint or train one with "
                         "`python -m kedit_lite.mend train --out <path>`")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("kedit_mend")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("kedit_mend")
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types for a file it cannot read)
+        raise EditError(f"checkpoint: {path} is not a safetensors file ({type(err).__name__}: {err}); pass a MEND "
+                        "checkpoint written by `python -m kedit_lite.mend train --out <path>`") from err
     if raw is None:
         raise EditError(f"checkpoint: {path} is not a kedit_lite MEND checkpoint (no 'kedit_mend' metadata)")
     meta = json.loads(raw)
@@ -296,9 +301,8 @@ def get_editor(checkpoint=None):
 # ---------------------------------------------------------------- the method protocol (editing.py)
 
 def _check_scale(scale):
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-        raise EditError(f"scale: expected a positive number multiplying the learned step sizes (1.0 = as trained), "
-                        f"got {scale!r}")
+    checks.number("scale", scale, 0, open_low=True, desc="a positive number multiplying the learned step sizes "
+                  "(1.0 = as trained)")
 
 
 def touched_parameters(model, requests, checkpoint=None, scale=1.0):

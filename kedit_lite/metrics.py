@@ -7,12 +7,14 @@ Each probe is scored two ways, side by side:
 Reliability also gets `prob_wins`: P(target_new) > P(target_true) (CounterFact's efficacy score).
 Locality compares the edited model with the unedited one (`before=`), or with the stated answers otherwise.
 """
+import dataclasses
 import re
 
 import torch
 
+from . import checks
 from .adapters import device_of
-from .requests import EditCase, EditRequest, Probe
+from .requests import EditCase, EditError, EditRequest, Probe
 from .tokens import answer_logprobs, encode_pairs
 
 KINDS = ("reliability", "paraphrase", "reverse", "portability", "locality")
@@ -69,12 +71,41 @@ def probes_of(case):
             "reverse": case.reverse, "portability": case.portability, "locality": case.locality}
 
 
+def _as_probe(kind, i, probe):
+    """A Probe from a Probe or a (prompt, answer) pair, with both texts checked."""
+    if isinstance(probe, (tuple, list)) and len(probe) == 2:
+        probe = Probe(*probe)
+    if not isinstance(probe, Probe):
+        raise EditError(f"{kind}[{i}]: expected a Probe(prompt, answer) or a (prompt, answer) pair, got {probe!r}")
+    checks.text(f"{kind}[{i}].prompt", probe.prompt, "'The Space Needle can be found in'")
+    checks.text(f"{kind}[{i}].answer", probe.answer, "'Taipei'")
+    return probe
+
+
 def _as_case(case):
-    if isinstance(case, EditCase):
-        return case
     if isinstance(case, (EditRequest, dict)):
-        return EditCase(EditRequest.coerce(case))
-    raise TypeError(f"case: expected an EditCase (or EditRequest), got {type(case).__name__}")
+        case = EditCase(EditRequest.coerce(case))
+    if not isinstance(case, EditCase):
+        raise TypeError(f"case: expected an EditCase (or EditRequest), got {type(case).__name__}")
+    lists = {}
+    for kind in ("paraphrase", "reverse", "portability", "locality"):
+        probes = getattr(case, kind)
+        if not isinstance(probes, (list, tuple)):
+            raise EditError(f"{kind}: expected a list of Probe(prompt, answer), got {type(probes).__name__}")
+        lists[kind] = [_as_probe(kind, i, p) for i, p in enumerate(probes)]
+    return dataclasses.replace(case, **lists)
+
+
+def _check_before(before, case):
+    """`before` must be evaluate() of the same case on the unedited model: as many locality rows."""
+    if before is None or not case.locality:
+        return
+    details = before.get("details") if isinstance(before, dict) else None
+    rows = details.get("locality") if isinstance(details, dict) else None
+    if rows is None or len(rows) != len(case.locality):
+        have = "no locality scores" if rows is None else f"{len(rows)} locality rows"
+        raise EditError(f"before: it has {have}, this case has {len(case.locality)}; pass "
+                        "before=ke.evaluate(model, tok, case) of this same case on the unedited model")
 
 
 def evaluate(model, tok, case, before=None, context="", generation=True, max_new_tokens=None):
@@ -84,6 +115,7 @@ def evaluate(model, tok, case, before=None, context="", generation=True, max_new
     `context`: text prepended to every prompt (IKE's demonstrations; empty for weight edits).
     """
     case = _as_case(case)
+    _check_before(before, case)
     if not isinstance(context, str):
         raise TypeError(f"context: expected a string, got {type(context).__name__}")
     kinds = {k: v for k, v in probes_of(case).items() if v}

@@ -26,14 +26,33 @@ def cache_dir():
 
 
 def pick_device(device=None):
-    """The device to use: the one asked for, else cuda, then mps, then cpu."""
+    """The device to use: the one asked for (checked to exist here), else cuda, then mps, then cpu."""
     if device is not None:
-        return torch.device(device)
+        return _check_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_device(device):
+    """torch.device(device), refused with a clear error if it is not a device name or this machine lacks it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a device; use 'cpu', 'cuda', 'cuda:0', 'mps' or None (the best "
+                         "available)") from err
+    mps = getattr(torch.backends, "mps", None)
+    missing = (dev.type == "cuda" and not torch.cuda.is_available()) or \
+        (dev.type == "mps" and not (mps is not None and mps.is_available()))
+    if missing:
+        raise ValueError(f"device: {device!r} is not available on this machine; use device='cpu', or None for the "
+                         "best available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+    return dev
 
 
 def _gguf_dir():
@@ -87,6 +106,9 @@ def load_model(name=None, device=None, dtype=None):
             dtype = torch.float32  # the default model is tiny: full precision keeps the maths exact
     is_default = name is None or str(name).lower() in _DEFAULT_ALIASES
     source = _default_model_dir() if is_default else str(name)
+    if not is_default and Path(source).is_dir() and not (Path(source) / "config.json").exists():
+        raise OSError(f"model: could not load {name!r}: the directory has no config.json; pass a directory written by "
+                      "save_pretrained (config, weights and tokenizer files), or a Hugging Face model name")
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -107,4 +129,9 @@ def load_model(name=None, device=None, dtype=None):
 
 def model_name(model):
     """The name the model was loaded under (used to key caches and checkpoints)."""
-    return getattr(model.config, "name_or_path", None) or model.config.model_type
+    return loaded_name(model) or model.config.model_type
+
+
+def loaded_name(model):
+    """The name the model was loaded under, '' for one built from a config (default-layer tables need a real name)."""
+    return getattr(model.config, "name_or_path", None) or ""

@@ -1,12 +1,12 @@
 """What an edit asks for, validated before any weight is touched (chapter 1: the definition of an edit)."""
 from dataclasses import dataclass, field
 
+from .checks import EditError, text
+
 MAX_PROMPT_CHARS = 2000
+MAX_SUBJECT_CHARS = 200  # an entity's name; CounterFact's and zsRE's longest is under 100
 MAX_TARGET_CHARS = 200
-
-
-class EditError(ValueError):
-    """A bad edit request or hyperparameter; the message names the field and the fix."""
+_EXAMPLES = {"prompt": "'{} is located in the city of'", "subject": "'The Space Needle'", "target_new": "'Taipei'"}
 
 
 @dataclass(frozen=True)
@@ -21,20 +21,14 @@ class EditRequest:
     target_true: str = None
 
     def __post_init__(self):
-        for name in ("prompt", "subject", "target_new"):
-            value = getattr(self, name)
-            if value is None:
-                raise EditError(f"{name}: missing; pass a non-empty string")
-            if not isinstance(value, str):
-                raise EditError(f"{name}: expected a string, got {type(value).__name__} ({value!r})")
-        if self.target_true is not None and not isinstance(self.target_true, str):
-            raise EditError(f"target_true: expected a string or None, got {type(self.target_true).__name__}")
-        if not self.subject.strip():
-            raise EditError("subject: empty; pass the entity whose fact changes, e.g. subject='The Space Needle'")
+        for name in ("prompt", "subject", "target_new"):   # no blank, invisible-only or broken-Unicode text
+            text(name, getattr(self, name), f"{name}={_EXAMPLES[name]}")
+        text("target_true", self.target_true, "the model's current answer, or None if unknown", required=False)
+        if len(self.subject) > MAX_SUBJECT_CHARS:
+            raise EditError(f"subject: {len(self.subject)} characters is over the {MAX_SUBJECT_CHARS}-character "
+                            "limit; a subject is the name of one entity")
         if self.subject != self.subject.strip():
             raise EditError(f"subject: {self.subject!r} has leading/trailing whitespace; strip it")
-        if not self.prompt.strip():
-            raise EditError("prompt: empty; pass e.g. '{} is located in the city of'")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise EditError(f"prompt: {len(self.prompt)} characters is over the {MAX_PROMPT_CHARS}-character limit; "
                             "an edit prompt is one short statement")
@@ -46,8 +40,6 @@ class EditRequest:
         if self.prompt.rstrip() != self.prompt:
             raise EditError("prompt: ends with whitespace; remove it (the target is tokenized with its own "
                             "leading space)")
-        if not self.target_new.strip():
-            raise EditError("target_new: empty; pass the new answer, e.g. target_new='Taipei'")
         if len(self.target_new) > MAX_TARGET_CHARS:
             raise EditError(f"target_new: {len(self.target_new)} characters is over the {MAX_TARGET_CHARS}-character "
                             "limit; an edit target is a short answer")
@@ -80,7 +72,7 @@ class EditRequest:
             if unknown:
                 raise EditError(f"request: unknown field(s) {sorted(unknown)}; use prompt, subject, target_new, "
                                 "target_true")
-            return cls(**request)
+            return cls(*(request.get(k) for k in ("prompt", "subject", "target_new", "target_true")))
         raise EditError(f"request: expected an EditRequest or a dict, got {type(request).__name__}")
 
 

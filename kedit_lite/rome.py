@@ -44,6 +44,7 @@ lr 1.0 lost paraphrase (0.48 → 0.40) and locality (1.00 → 0.90).
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .adapters import as_out_in, check_layer, get_module, layer_module, mlp_out_weight_name, num_layers
 from .keys_values import ASSOCIATION_WORDINGS, compute_deltas, compute_keys, context_prefixes
 from .requests import EditError
@@ -57,8 +58,8 @@ _FACTOR = []        # [C, C._version, its Cholesky factor]: one C serves every e
 
 def default_layer(model):
     """The table entry for this model, else a layer at ~1/4 depth (where factual recall peaks in most LMs)."""
-    from .models import model_name
-    return DEFAULT_LAYER.get(model_name(model), max(0, num_layers(model) // 4))
+    from .models import loaded_name
+    return DEFAULT_LAYER.get(loaded_name(model), max(0, num_layers(model) // 4))
 
 
 def _layer(model, layer):
@@ -70,12 +71,9 @@ def _layer(model, layer):
 
 
 def _positive(name, value, integer=False, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if integer:
-        ok = ok and isinstance(value, int)
-    if not ok or value != value or value == float("inf"):
-        kind = "integer" if integer else "number"
-        raise EditError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
+        return checks.integer(name, value, 0 if allow_zero else 1)
+    return checks.number(name, value, 0, open_low=not allow_zero)
 
 
 def check_hparams(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_factor=4.0, n_prefixes=2,
@@ -85,7 +83,7 @@ def check_hparams(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_fa
     """Validate the shared ROME/MEMIT hyperparameters with errors that name the field."""
     _positive("steps", steps, integer=True)
     _positive("stop_loss", stop_loss, allow_zero=True)
-    _positive("lr", lr)
+    checks.learning_rate(lr)
     _positive("kl_factor", kl_factor, allow_zero=True)
     _positive("weight_decay", weight_decay, allow_zero=True)
     _positive("clamp_factor", clamp_factor)
@@ -93,9 +91,10 @@ def check_hparams(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_fa
     _positive("prefix_len", prefix_len, integer=True)
     _positive("mom2_weight", mom2_weight, allow_zero=True)
     _positive("mom2_n_tokens", mom2_n_tokens, integer=True)
-    if not (mom2_source in ("sample", "wikitext") or (isinstance(mom2_source, (list, tuple)) and mom2_source
-                                                       and all(isinstance(t, str) for t in mom2_source))):
-        raise EditError(f"mom2_source: expected 'sample', 'wikitext' or a list of texts, got {mom2_source!r}")
+    texts_ok = isinstance(mom2_source, (list, tuple)) and mom2_source and all(
+        isinstance(t, str) and t.strip() for t in mom2_source)
+    if not (mom2_source in ("sample", "wikitext") or texts_ok):
+        raise EditError(f"mom2_source: expected 'sample', 'wikitext' or a list of non-empty texts, got {mom2_source!r}")
     for name, value in (("mom2_adjustment", mom2_adjustment), ("consistent_keys", consistent_keys),
                         ("bare_key", bare_key)):
         if not isinstance(value, bool):

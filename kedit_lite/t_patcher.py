@@ -29,12 +29,12 @@ Design decisions for decoder-only models (the original code covers BERT/BART onl
   cached; the edit prompt's own non-edit positions are added, so the patch fires only where the mistake is, and
   (`contrast=True`) the edit's template filled with 20 other subjects, so it fires for this subject only.
 """
-import math
 import weakref
 
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .adapters import check_layer, module_name, num_layers
 from .hooks import _first, _replace_first
 from .requests import EditError
@@ -227,19 +227,16 @@ def _layer(model, layer):
 
 def _check_hparams(model, layer, steps, lr, act_weight, memory_weight, beta, gamma, target_loss, memory, contrast=True):
     _layer(model, layer)
-    if not isinstance(contrast, bool):
-        raise EditError(f"contrast: expected True or False, got {contrast!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise EditError(f"steps: expected a positive integer, got {steps!r}")
+    checks.flag("contrast", contrast)
+    checks.integer("steps", steps, 1)
     for name, value in (("lr", lr), ("act_weight", act_weight), ("memory_weight", memory_weight),
                         ("gamma", gamma), ("target_loss", target_loss)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise EditError(f"{name}: expected a finite number >= 0, got {value!r}")
+        checks.number(name, value, 0, desc="a finite number >= 0")
     if lr == 0:
         raise EditError("lr: expected a positive learning rate, got 0")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta > 0:
-        raise EditError(f"beta: expected a finite threshold <= 0 (memory queries must stay below it, and a ReLU "
-                        f"patch is off only below 0), got {beta!r}")
+    checks.learning_rate(lr)
+    checks.number("beta", beta, high=0, desc="a finite threshold <= 0 (memory queries must stay below it, and a "
+                  "ReLU patch is off only below 0)")
     if memory is not None and (not isinstance(memory, (list, tuple)) or not memory
                                or not all(isinstance(t, str) and t.strip() for t in memory)):
         raise EditError("memory: expected a non-empty list of unrelated texts (or None for the built-in set)")

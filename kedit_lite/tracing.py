@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checks
 from .adapters import (cache_tensors, device_of, embedding_matrix, get_adapter, get_module, kv_cache, module_name,
                        num_layers)
 from .hooks import _first, _replace_first, override_forward, patch, record, set_at
@@ -59,20 +60,27 @@ def _check(prompt, subject, kind, samples, window, noise, answer):
     """Validate the arguments of causal_trace; each error names the field and the fix."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise EditError("prompt: expected a non-empty string, e.g. 'The Space Needle is located in the city of'")
-    if not isinstance(subject, str) or not subject.strip():
-        raise EditError("subject: empty; pass the words of the prompt to corrupt, e.g. subject='The Space Needle'")
+    checks.text("prompt", prompt, "'The Space Needle is located in the city of'")
+    checks.text("subject", subject, "subject='The Space Needle' (the words of the prompt to corrupt)")
     if subject not in prompt:
         raise EditError(f"subject: {subject!r} does not occur in the prompt {prompt!r}; pass a subject that the "
                         "prompt contains verbatim")
     if kind not in KINDS:
         raise EditError(f"kind: expected one of {KINDS}, got {kind!r}")
     for name, value in (("samples", samples), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise EditError(f"{name}: expected a positive integer, got {value!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise > 0:
-        raise EditError(f"noise: expected a positive multiple of σ (ROME uses 3.0), got {noise!r}")
+        checks.integer(name, value, 1)
+    checks.number("noise", noise, 0, open_low=True, desc="a positive multiple of σ (ROME uses 3.0)")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
         raise EditError("answer: expected a non-empty string or None (None traces the model's own answer)")
+    checks.text("answer", answer, required=False)
+
+
+def _token_rows(tokens):
+    """Token indices to trace: a list of integers (numpy integers and tensors too)."""
+    tokens = tokens.tolist() if hasattr(tokens, "tolist") else tokens
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise EditError(f"tokens: expected a list of token indices or None, got {tokens!r}")
+    return [checks.integer("tokens", t, hint="pass token positions such as [0, 3], or None for all") for t in tokens]
 
 
 def window_layers(layer, window, n_layers):
@@ -368,8 +376,9 @@ def causal_trace(model, tok, prompt, subject, kind="hidden", samples=10, window=
     `answer=None` traces the model's own greedy next token; `tokens` restricts the rows computed (others NaN).
     """
     _check(prompt, subject, kind, samples, window, noise, answer)
+    rows = None if tokens is None else _token_rows(tokens)
     s = prepare(model, tok, prompt, subject, samples, noise, seed, answer)
-    rows = range(s.ids.shape[1]) if tokens is None else [int(t) for t in tokens]
+    rows = range(s.ids.shape[1]) if rows is None else rows
     if any(not 0 <= t < s.ids.shape[1] for t in rows):
         raise EditError(f"tokens: indices must lie in [0, {s.ids.shape[1] - 1}] for this prompt, got {list(rows)}")
     return _result(tok, prompt, subject, kind, samples, window, noise, s, _fast_grid(model, s, kind, window, rows))

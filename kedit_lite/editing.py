@@ -217,7 +217,7 @@ def edit(model, tok, requests, method="rome", **hparams):
     _check_hparams(module, method, hparams)
     reqs = as_request_list(requests)
     checks.no_conflicts(reqs)
-    checks.fits_context(model, tok, reqs)
+    checks.fits_context(model, tok, reqs, getattr(module, "CONTEXT_MARGIN", checks.CONTEXT_MARGIN))
     if hasattr(module, "check_requests"):
         module.check_requests(model, tok, reqs, **hparams)
     names = module.touched_parameters(model, reqs, **hparams)

@@ -29,6 +29,7 @@ KINDS = ("copy", "update", "retain")
 PAPER_MIX = {"copy": 4, "update": 12, "retain": 16}  # the paper's 32 demonstrations
 DEFAULT_K = 8  # 1 copy / 3 update / 4 retain: the paper's proportions in ~250 tokens (CPU-friendly)
 DEFAULT_RESERVE = 128  # tokens kept free after the context for the question and the answer
+CONTEXT_MARGIN = 0  # edit() needs only the request to fit: fit_to_window checks the rest against reserve_tokens
 CHAT_SYSTEM = ("Complete the prompt. Use the new fact when the prompt is about it; otherwise answer from what "
                "you know.")
 _POOLS = {}  # name -> (records, embeddings): loaded and embedded once per process

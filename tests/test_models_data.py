@@ -103,6 +103,7 @@ def test_downloads_off_never_touch_the_network(tmp_path, monkeypatch):
             load()
     assert data.downloads_allowed() is False
     monkeypatch.setenv("KEDIT_OFFLINE", "0")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)   # the hub's own switch turns downloads off too
     assert data.downloads_allowed() is True
 
 

@@ -10,11 +10,13 @@ import torch
 from .adapters import get_module
 
 
-def _first(x):
+def first_tensor(x):
+    """The hidden states of a module output: the tensor itself, or the first item of a tuple."""
     return x[0] if isinstance(x, tuple) else x
 
 
-def _replace_first(x, new):
+def replace_first_tensor(x, new):
+    """The same output with its hidden states replaced by `new` (tuple outputs keep their other items)."""
     return (new,) + tuple(x[1:]) if isinstance(x, tuple) else new
 
 
@@ -39,13 +41,13 @@ def record(model, modules, what="output", detach=True, whole=False):
             store[name] = tensor.detach() if detach else tensor
 
         def keep_whole(out, name=name):
-            store[name] = _replace_first(out, _first(out).detach()) if detach else out
+            store[name] = replace_first_tensor(out, first_tensor(out).detach()) if detach else out
         if what == "output" and whole:
             handles.append(mod.register_forward_hook(lambda m, i, o, keep=keep_whole: keep(o)))
         elif what == "output":
-            handles.append(mod.register_forward_hook(lambda m, i, o, keep=keep: keep(_first(o))))
+            handles.append(mod.register_forward_hook(lambda m, i, o, keep=keep: keep(first_tensor(o))))
         else:
-            handles.append(mod.register_forward_pre_hook(lambda m, i, keep=keep: keep(_first(i))))
+            handles.append(mod.register_forward_pre_hook(lambda m, i, keep=keep: keep(first_tensor(i))))
     try:
         yield store
     finally:
@@ -58,9 +60,9 @@ def patch(model, module, fn, what="output"):
     """Replace a module's output (or first input) x by fn(x) on every forward inside the block."""
     mod = _resolve(model, module)
     if what == "output":
-        handle = mod.register_forward_hook(lambda m, i, o: _replace_first(o, fn(_first(o))))
+        handle = mod.register_forward_hook(lambda m, i, o: replace_first_tensor(o, fn(first_tensor(o))))
     elif what == "input":
-        handle = mod.register_forward_pre_hook(lambda m, i: _replace_first(i, fn(_first(i))))
+        handle = mod.register_forward_pre_hook(lambda m, i: replace_first_tensor(i, fn(first_tensor(i))))
     else:
         raise ValueError(f"what: expected 'output' or 'input', got {what!r}")
     try:

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from .adapters import cache_tensors, get_module, kv_cache, module_name, num_layers
-from .hooks import _first, _replace_first, record, replay
+from .hooks import first_tensor, replace_first_tensor, record, replay
 from .tokens import join, pad_right, subject_last_index
 
 _PREFIX_CACHE = {}
@@ -290,9 +290,9 @@ def _replayed(batch, deltas):
     recorded = batch["replay"][last]
 
     def with_delta():
-        hidden = _first(recorded).clone()
+        hidden = first_tensor(recorded).clone()
         hidden[:, 0] += deltas[batch["owner"]].to(hidden.dtype)
-        return _replace_first(recorded, hidden)
+        return replace_first_tensor(recorded, hidden)
     return {**{name: batch["replay"][name] for name in below}, last: with_delta}
 
 

@@ -8,53 +8,11 @@ Many facts in one update, spread over a range of MLP layers R = [l₁ … l_L]:
         ΔW_l = Rᵀ K (λ·E[kkᵀ] + Kᵀ K)⁻¹
    which keeps the other keys (weighted by λ, `mom2_update_weight`) while writing all n values at once.
 `mom2_adjustment=False` replaces E[kkᵀ] by (mean ‖k‖²/d_k)·I (no statistics needed, as in EasyEdit's default).
-`bare_key=True` (default) adds, per fact, the key of the bare prompt as one more row of K with the same residual
-(see rome.py: when the prompt starts with the subject, that key differs from the subject's key in context); on 20
-CounterFact facts in one batch it raised reliability from 0.90 to 0.95 and paraphrase from 0.38 to 0.47.
-v* uses ROME's relation-free `wordings` too (the first three of keys_values.ASSOCIATION_WORDINGS). On one batch
-of 100 CounterFact facts (token accuracy, reliability / paraphrase / locality): without them and λ = 200,
-0.97 / 0.41 / 0.88; with them, λ = 200: 0.98 / 0.66 / 0.81; λ = 500: 0.99 / 0.66 / 0.84; λ = 1500 (the default):
-0.99 / 0.65 / 0.86.
-Where a batch loses locality (chapter 5): the same 100 val facts written one at a time (bench `--batch-size 1`) keep
-locality 0.96 at the same reliability (0.99), so the neighbours are moved by the other facts of the batch, not by
-their own. Paraphrase one at a time is 0.60 (batch − single +0.05 ± 0.03, unresolved): the gap to ROME's 0.72 comes
-from the recipe (δ at layer 7 spread over five layers), not from the batch. More statistics (20,000 tokens: 0.87;
-20,000 of encyclopedic text the model wrote: 0.88), λ = 15,000 (train split: locality 0.79 → 0.86, reliability
-0.97 → 0.82) and other ranges (layers 1-7, 4-8, 6-10 on train) did not close the gap.
-What the interference is made of: the facts' δ share a direction, their batch mean (8 of the 18 neighbours that
-change trade a function word for a name). `keep_shared` is the fraction of that mean each fact keeps (1: MEMIT as
-published). On the same batch (reliability / paraphrase / locality): 1.0 0.99 / 0.65 / 0.86, 0.5 0.99 / 0.57 / 0.90,
-0.0 0.96 / 0.41 / 0.92; on 100 train facts 0.97 / 0.59 / 0.79, 0.97 / 0.56 / 0.82, 0.89 / 0.45 / 0.87. What
-moves the neighbours is also what carries the facts to their paraphrases, so the default stays 1.
-Removing the mean afterwards takes from each fact part of the push it needed; `center_deltas=True` instead asks the
-optimiser for δ with no shared part (after every step a chunk's δ lose their mean), so each fact finds its push
-elsewhere: on the same batch 0.98 / 0.55 / 0.92 (train 0.95 / 0.49 / 0.88), as local as keep_shared = 0 with more
-reliability and paraphrase (0.96 / 0.41; train 0.89 / 0.45).
-Where the neighbours sit (chapter 5): other subjects in the same templates, which mostly start with the subject (84
-of the 100 val prompts); C, from everyday text, holds few keys of names at the start of a text. `protect_subjects=μ`
-adds to E[kkᵀ] the second moment of such keys, other subjects each written alone (`other_subjects`: names, or
-"counterfact" for 500 train records' subjects; the batch's own are left out), scaled to μ × its trace. Same val
-batch, other subjects from train: μ = 0.3 0.99 / 0.63 / 0.93, μ = 1 0.99 / 0.62 / 0.93, μ = 0.1 0.99 / 0.64 / 0.88;
-100 train facts (other subjects from val): μ = 0.3 0.98 / 0.57 / 0.85, μ = 1 0.98 / 0.57 / 0.86. More locality than
-keep_shared or center_deltas at more paraphrase. The subjects must look like the neighbours: 212 well-known names
-(people, cities, firms, works) gave 0.62 / 0.88 at μ = 1, only the mean of their keys 0.63 / 0.86. Off by default:
-it needs subjects like the neighbours, which a user editing their own facts may not have.
-Measured and not adopted (same val batch; train in brackets): keys averaged over 16 model-written prefixes of 10
-tokens (MEMIT's own five run to 10 tokens) while v* keeps its two, 0.99 / 0.68 / 0.86 (0.97 / 0.60 / 0.80) against
-0.99 / 0.65 / 0.86 (0.97 / 0.59 / 0.79), paraphrase +0.027 ± 0.018 on val (4 cases change), +0.01 ± 0.01 on
-train: under two standard errors (chapter 9, bench.paired_difference); the same with μ = 0.3, 0.99 / 0.65 / 0.92
-(0.98 / 0.57 / 0.83); all five wordings with one prefix (ROME's v*), 0.97 / 0.67 / 0.83; δ scaled by 1.3 with
-μ = 0.3 and those keys, 0.98 / 0.68 / 0.86.
-Also measured, not adopted (same val batch): AlphaEdit's projection of the update off E[kkᵀ]'s top r eigen-directions
-(r = 200 / 500 / 1,000: 0.96 / 0.56 / 0.85, 0.93 / 0.50 / 0.89, 0.77 / 0.35 / 0.89); the same projection off other
-subjects' keys with λ kept, r = 200: 0.99 / 0.62 / 0.94, on protect_subjects' curve; an uneven residual split (35 % of
-what is missing per layer instead of 1 / layers left) 0.99 / 0.65 / 0.83; one layer (ROME's 8) with all five wordings,
-0.97 / 0.53 / 0.75; residual shares chosen jointly over the layers (each layer's share ∝ how rare its keys are
-under λE[kkᵀ], the least-squares optimum when the layers' writes add up) 0.99 / 0.65 / 0.83.
-Time: the δ optimisation is compute-bound, and most facts use all 20 steps. Half of what it computed was padding
-(suffixes of 1 to 8 tokens padded to the longest); on a CPU the whole batch is now one chunk whose rows run in
-groups of one suffix length (keys_values._by_suffix_length): the same δ (cosine 1.000), 2.3 s per fact on 2 CPU
-cores instead of 3.0 s (back to back), and the batch of 100 takes 2.5 s per request (3.4 s before), at ~5 GB peak.
+Named options shared with ROME: `bare_key`, `wordings`. Against the interference between the facts of one batch
+(chapter 5): `keep_shared` (the fraction of the batch's mean δ each fact keeps; 1 is MEMIT as published),
+`center_deltas` and `protect_subjects=μ` (adds the second moment of other subjects' keys to E[kkᵀ]; off by
+default, since it needs subjects like the neighbours). Measurements behind the defaults:
+book/results/tuning_history.md.
 """
 import torch
 

@@ -5,41 +5,12 @@ the value W k. ROME picks k* (keys_values.compute_keys) and a better value v* (k
 solves   min ‖Ŵ K − W K‖  subject to  Ŵ k* = v*   (K: all other keys; C = K Kᵀ/n their second moment)
 in closed form:   Ŵ = W + Λ (C⁻¹k*)ᵀ,   Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*).
 
-`consistent_keys=True` (r-ROME, Gupta et al. 2024) uses the prefix-averaged k* everywhere. The original code
-used it only for C⁻¹k* and took the key of the bare prompt for W k and (C⁻¹k*)ᵀk, so Ŵ k* ≠ v*; set
-`consistent_keys=False` to reproduce that (chapter 5 shows what it does).
-
-`bare_key=True` adds a second equality constraint, Ŵ k_bare = W k_bare + δ, for the key of the bare prompt.
-When the prompt starts with the subject, that key is read at the very start of the text, where (in SmolLM2 and
-other models with an "attention sink" at position 0) it looks nothing like the subject's key in context, so the
-update along C⁻¹k* barely moves it (chapter 5 measures this). Two constraints, same derivation with a matrix
-of Lagrange multipliers (as in EMMET, Gupta et al. 2024): ΔW = (V − W K)(Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹, K = [k*, k_bare].
-Both columns of V − W K are δ, so the edit is still rank one, δ wᵀ: w is the smallest vector (in the C
-metric) with wᵀk* = wᵀk_bare = 1. On 10 CounterFact cases (at layer 5, lr 0.5) it raised reliability from 0.70 to
-0.90 and paraphrase from 0.40 to 0.50 (token accuracy), locality unchanged at 1.00; it is the default.
-
-`wordings` (keys_values.ASSOCIATION_WORDINGS by default; our addition, chapter 5): v* must also make the target
-follow five relation-free sentences about the subject. CounterFact's paraphrases change the words *after* the
-subject ("Kuala Langat's surroundings include → India"); a δ fitted to one relation phrase often did not carry over
-(the update delivers ~94 % of δ at the paraphrase's subject, yet the paraphrase failed as often as with all of δ
-injected). On 30 CounterFact cases three wordings took paraphrase token accuracy from 0.42 to 0.76 (reliability
-1.00, locality 0.97 → 0.96). `wordings=()` is ROME's published objective.
-The defaults (layer 8 on SmolLM2, five wordings, one sampled prefix, early stop at NLL 0.1) were chosen on the
-CounterFact *train* split (first 100 cases, paraphrase token accuracy, ±0.05 standard error) and then checked
-on val: layer 5 with three wordings and two prefixes 0.63 (val 0.64); + "Speaking of {}, one thinks of" 0.66; + also
-"Everyone knows that {} has to do with" 0.68 but ~20 % slower; the same with one prefix 0.66; at layer 8 (three
-blocks fewer to run per step, fewer steps) with one prefix 0.68, about 10 % slower than the old default (median 3.07
-against 2.81 s on 30 val cases edited back to back). On val (the acceptance benchmark) that gives paraphrase 0.72,
-locality 0.92 (0.95 at layer 5), median 2.8 s per edit;
-layer 7 gave 0.67 / 0.93 there. The locality cost is real: on the lecture's prime-minister edit, layer 8 moves an
-unrelated answer that layer 5 keeps (chapter 8 shows both); pass `layer=` to choose.
-Also measured, not better beyond noise: lr 1.5 or 2, stop 0.02, no KL term, layers 3 and 11.
-
-Adam's lr is 1.0, not ROME's 0.5: δ has to grow to ‖δ‖ ≈ 80-140 on SmolLM2 (large residual norms), and Adam
-moves each coordinate by about lr per step, so at 0.5 most of the 20 steps were spent growing δ. On 20
-CounterFact cases lr 1.0 cut the median from 16 to 11 steps (4.6 s → 2.7 s per edit on 2 CPU cores) with
-reliability 1.00 → 1.00, paraphrase 0.38 → 0.43, locality 0.95 → 0.95. MEMIT keeps 0.5: in one batch of 20 facts
-lr 1.0 lost paraphrase (0.48 → 0.40) and locality (1.00 → 0.90).
+Named options (chapter 5 shows each): `consistent_keys=True` (r-ROME, Gupta et al. 2024) uses the prefix-averaged
+k* everywhere, so Ŵ k* = v* holds exactly; `bare_key=True` adds the bare prompt's key as a second constraint (its
+key sits at the attention sink when the prompt starts with the subject), still a rank-one edit; `wordings` (our
+addition) also asks v* to make the target follow relation-free sentences about the subject, so the edit carries
+over to paraphrases; `wordings=()` is ROME's published objective. What was measured while choosing the defaults
+is in book/results/tuning_history.md.
 """
 import torch
 from tqdm.auto import tqdm

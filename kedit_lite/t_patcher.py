@@ -1,33 +1,18 @@
 """T-Patcher (Huang et al. 2023): fix a mistake by adding a neuron to an FFN, not by changing weights (chapter 7).
 
-The textbook (§5.3, 附加参数法) reads the FFN as a key–value memory (Geva et al. 2021): each hidden neuron i has a
-key k_i (a row of the input projection) and a value v_i (a column of the output projection), and
-FFN(q) = Σ_i act(q·k_i + b_i) v_i. A *patch* is one more neuron (k_p, b_p, v_p) in one layer's FFN:
-
-    FFN_p(q) = FFN(q) + a_p · v_p,   a_p = act(q·k_p + b_p)
-
-where q is the FFN's input (the post-norm hidden state). Only the patch is trained, with
+The textbook (§5.3, 附加参数法) reads the FFN as a key–value memory: FFN(q) = Σ_i act(q·k_i + b_i) v_i. A patch is
+one more neuron, FFN_p(q) = FFN(q) + a_p · v_p with a_p = act(q·k_p + b_p), trained alone with
     edit loss        cross-entropy of the target (the patch must fix the mistake);
     activation loss  exp(-(q_e·k_p + b_p)): the patch must fire on the edit query q_e;
-    memory losses    (q_i·k_p + b_p - β)_+ on a memory set of unrelated queries q_i (stay off), and
+    memory losses    (q_i·k_p + b_p - β)_+ on unrelated queries q_i (stay off), and
                      ((q_i - q_e)·k_p + γ)_+ (the edit query beats every memory query by a margin γ).
 
-Design decisions for decoder-only models (the original code covers BERT/BART only):
-- One patch per edit token position: a target of n tokens gets n neurons, one at each position that predicts a
-  target token (the last prompt token, then each target token but the last), each keyed on its own query. This is
-  the paper's "one mistake, one neuron" applied to every token the model gets wrong during generation.
-- The patch neuron is one key with ReLU on the MLP input, for every architecture. A Llama-style gated neuron
-  silu(q·g)·(q·u) is non-zero almost everywhere (SiLU is never exactly 0 and the up key can flip its sign), and
-  GPT-2's GELU leaks below 0 too, so neither is a clean switch. With ReLU, a query below the threshold adds
-  *exactly* nothing: locality is exact wherever the memory loss holds. The base MLP is left as it is.
-- Default layer: the last block, as in the paper. There a patch at position t changes only the logits at t,
-  so it cannot leak into other positions through attention.
-- The patch lives in a forward hook on the adapter's MLP module; base weights are never touched
-  (`touched_parameters` is []) and `restore`/`undo()` removes the hook. Sequential edits add patches.
-- The memory set: FFN inputs of every token of a few hundred tokens of built-in unrelated text (facts of many
-  relations about subjects outside the course's probes, plus plain prose), computed once per model and layer and
-  cached; the edit prompt's own non-edit positions are added, so the patch fires only where the mistake is, and
-  (`contrast=True`) the edit's template filled with 20 other subjects, so it fires for this subject only.
+For decoder-only models (the original code covers BERT/BART): one patch per target-token position, each keyed on
+its own query; a ReLU key on the MLP input for every architecture, so a query below threshold adds exactly nothing
+(gated SiLU and GELU leak); the last block by default, where a patch cannot leak to other positions through
+attention. Patches live in a forward hook (base weights untouched, undo removes it); the memory set is built-in
+unrelated text plus the edit prompt's other positions and (`contrast=True`) its template with other subjects.
+The reasons in full: book/results/tuning_history.md.
 """
 import weakref
 
@@ -36,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checks
 from .adapters import check_layer, module_name, num_layers
-from .hooks import _first, _replace_first
+from .hooks import first_tensor, replace_first_tensor
 from .requests import EditError
 from .tokens import encode_pairs
 
@@ -133,8 +118,8 @@ def _install(model, patch):
     """Add the patch's output to the MLP's output on every forward (a hook; the base weights stay as they are)."""
     def hook(module, args, kwargs, output):
         q = args[0] if args else next(iter(kwargs.values()))
-        out = _first(output)
-        return _replace_first(output, out + patch(q).to(out.dtype))
+        out = first_tensor(output)
+        return replace_first_tensor(output, out + patch(q).to(out.dtype))
     patch.handle = _mlp(model, patch.layer).register_forward_hook(hook, with_kwargs=True)
     _PATCHES.setdefault(model, []).append(patch)
 

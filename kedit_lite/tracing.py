@@ -27,7 +27,7 @@ import torch
 from . import checks
 from .adapters import (cache_tensors, device_of, embedding_matrix, get_adapter, get_module, kv_cache, module_name,
                        num_layers)
-from .hooks import _first, _replace_first, override_forward, patch, record, set_at
+from .hooks import first_tensor, replace_first_tensor, override_forward, patch, record, set_at
 from .requests import EditCase, EditError, EditRequest
 from .tokens import join, subject_token_range
 
@@ -210,14 +210,14 @@ def _growing_blocks(model, s, starts, n_active):
         def forward(*args, **kwargs):
             n = n_active[j]
             if n == 0:
-                return _replace_first(template, buffer)
+                return replace_first_tensor(template, buffer)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             args = (hidden[:n],) + tuple(_rows(a, n, batch) for a in args[1:])
             out = original(*args, **{k: _rows(v, n, batch) for k, v in kwargs.items()})
             if n == batch:
                 return out
-            buffer[:n] = _first(out)
-            return _replace_first(out, buffer)
+            buffer[:n] = first_tensor(out)
+            return replace_first_tensor(out, buffer)
         return forward
     with override_forward([(block, lambda original, j=j: wrap(j, original, s.templates[names[j]]))
                            for j, block in enumerate(blocks)]):

@@ -1,5 +1,6 @@
 """kedit_lite: a small, readable model-editing library that backs the course "Model Editing, hands-on"."""
 from .adapters import ADAPTERS, describe, get_adapter, layer_module, num_layers
+from .caches import clear_caches
 from .data import course_fact, lecture_case, load_cases, load_counterfact, load_course_facts, load_lecture, load_zsre
 from .editing import METHODS, EditResult, edit
 from .metrics import evaluate, generate, summarize
@@ -7,7 +8,7 @@ from .models import DEFAULT_MODEL, load_model, pick_device
 from .requests import EditCase, EditError, EditRequest, Probe
 
 __version__ = "0.1.0"
-__all__ = ["ADAPTERS", "course_fact", "DEFAULT_MODEL", "describe", "edit", "EditCase", "EditError", "EditRequest",
+__all__ = ["ADAPTERS", "clear_caches", "course_fact", "DEFAULT_MODEL", "describe", "edit", "EditCase", "EditError", "EditRequest",
            "EditResult", "evaluate", "generate", "get_adapter", "layer_module", "lecture_case", "load_cases",
            "load_counterfact", "load_course_facts", "load_lecture", "load_model", "load_zsre", "METHODS",
            "num_layers", "pick_device", "Probe", "summarize"]

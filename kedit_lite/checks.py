@@ -138,3 +138,18 @@ def no_conflicts(requests):
             raise EditError(f"requests: requests {j} and {i} both edit {r.prompt_text!r}, to "
                             f"{requests[j].target_new!r} and {r.target_new!r}; one edit cannot make both true, so "
                             "keep one of them (or edit them one after the other, the later one winning)")
+
+
+def config(config_class, hparams, method, base=None):
+    """A method's frozen config from keyword options (on top of `base`); unknown names are refused by name."""
+    import dataclasses
+    known = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise EditError(f"hparams: unknown option(s) {unknown} for method {method!r}; its options are {known}")
+    if base is None:
+        return config_class(**hparams)
+    if not isinstance(base, config_class):
+        raise EditError(f"config: expected a {config_class.__name__} for method {method!r}, got "
+                        f"{type(base).__name__}")
+    return dataclasses.replace(base, **hparams)

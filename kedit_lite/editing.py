@@ -1,8 +1,9 @@
 """`edit()`: one entry point for every method, with validation, timing, memory, and exact undo (chapter 1).
 
-A method is a module with two functions:
-    touched_parameters(model, requests, **hparams) -> [parameter names it will change]   (validates hparams)
-    apply(model, tok, requests, **hparams) -> dict with optional "context", "restore", "info"
+A method is a module with a frozen `Config` dataclass (every hyperparameter and its default, checked once in
+__post_init__) and two functions:
+    touched_parameters(model, requests, cfg) -> [parameter names it will change]
+    apply(model, tok, requests, cfg) -> dict with optional "context", "restore", "info"
 `edit()` snapshots the touched parameters first, so a failed edit or `undo()` restores them bit for bit.
 Undo order: each model keeps its live edits in order; `undo()` refuses (EditError, nothing changes) while a later
 live edit changed some of the same weights, since restoring the snapshot would silently erase that edit too.
@@ -45,16 +46,32 @@ def get_method(name):
         raise
 
 
-def check_options(method, hparams):
-    """Refuse an unknown method or option names it does not take (values are checked when editing)."""
-    _check_hparams(get_method(method), method, hparams)
-
-
-def _check_hparams(module, name, hparams):
+def method_config(method, config=None, **hparams):
+    """The method's frozen config: its defaults, then `config` (a Config of that method), then `hparams`."""
+    module = get_method(method)
+    if hasattr(module, "Config"):
+        return checks.config(module.Config, hparams, method, base=config)
     allowed = [p for p in inspect.signature(module.apply).parameters if p not in ("model", "tok", "requests")]
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
-        raise EditError(f"hparams: unknown option(s) {unknown} for method {name!r}; its options are {allowed}")
+        raise EditError(f"hparams: unknown option(s) {unknown} for method {method!r}; its options are {allowed}")
+    return dict(hparams)
+
+
+def check_options(method, hparams):
+    """Refuse an unknown method, option names it does not take, or a bad value, before any model is loaded."""
+    method_config(method, **hparams)
+
+
+def touched_parameters(model, requests, method="rome", config=None, **hparams):
+    """The names of the weights `edit(model, tok, requests, method, **hparams)` would change (chapter 1)."""
+    module, cfg = get_method(method), method_config(method, config, **hparams)
+    return _call(module.touched_parameters, model, as_request_list(requests), cfg=cfg)
+
+
+def _call(fn, *args, cfg):
+    """Call a method function with its config (Config methods) or its keyword options (plain methods)."""
+    return fn(*args, **cfg) if isinstance(cfg, dict) else fn(*args, cfg)
 
 
 class _PeakMemory:
@@ -108,6 +125,7 @@ class EditResult:
     touched: list
     context: str = ""
     info: dict = field(default_factory=dict)
+    config: object = None
     undone: bool = False
     _snapshot: dict = field(default=None, repr=False)
     _restore_extra: object = field(default=None, repr=False)
@@ -125,6 +143,10 @@ class EditResult:
         self.context, self.undone = "", True
         _forget(self)
         return self
+
+    def saved_weights(self):
+        """{name: the weight as it was before this edit} (the snapshot undo() restores; read-only copies)."""
+        return {name: t.clone() for name, t in self._snapshot.items()}
 
     def evaluate(self, model, tok, case, **kwargs):
         """evaluate() with this edit's context (so IKE and weight edits are scored the same way)."""
@@ -210,23 +232,26 @@ def _restore(model, snapshot):
         params[name].copy_(saved)
 
 
-def edit(model, tok, requests, method="rome", **hparams):
-    """Apply `method` to make the model give each request's target_new; returns an EditResult with undo()."""
+def edit(model, tok, requests, method="rome", config=None, **hparams):
+    """Apply `method` to make the model give each request's target_new; returns an EditResult with undo().
+
+    Options come as keywords (`lr=0.5`) or as the method's Config (`config=ke.rome.Config(lr=0.5)`), or both.
+    """
     checks.model_and_tokenizer(model, tok)
     module = get_method(method)
-    _check_hparams(module, method, hparams)
+    cfg = method_config(method, config, **hparams)
     reqs = as_request_list(requests)
     checks.no_conflicts(reqs)
     checks.fits_context(model, tok, reqs, getattr(module, "CONTEXT_MARGIN", checks.CONTEXT_MARGIN))
     if hasattr(module, "check_requests"):
-        module.check_requests(model, tok, reqs, **hparams)
-    names = module.touched_parameters(model, reqs, **hparams)
+        _call(module.check_requests, model, tok, reqs, cfg=cfg)
+    names = _call(module.touched_parameters, model, reqs, cfg=cfg)
     snapshot = _snapshot(model, names)
     device = next(model.parameters()).device
     try:
         with _grads_kept(model), _PeakMemory(device) as mem:
             start = time.perf_counter()
-            out = module.apply(model, tok, reqs, **hparams) or {}
+            out = _call(module.apply, model, tok, reqs, cfg=cfg) or {}
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
@@ -239,7 +264,8 @@ def edit(model, tok, requests, method="rome", **hparams):
         raise
     return _remember(model, EditResult(method=method, requests=reqs, seconds=seconds, peak_memory_mb=mem.peak_mb,
                                        touched=names, context=out.get("context", ""), info=out.get("info", {}),
-                                       _snapshot=snapshot, _restore_extra=out.get("restore"), _model=model))
+                                       config=cfg, _snapshot=snapshot, _restore_extra=out.get("restore"),
+                                       _model=model))
 
 
 def edit_weights(model, names, update, method="manual", info=None):

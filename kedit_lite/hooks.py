@@ -24,6 +24,40 @@ def _resolve(model, module):
     return get_module(model, module) if isinstance(module, str) else module
 
 
+def attach(model, module, fn, what="output", with_kwargs=False):
+    """Register fn as a forward hook that stays until `handle.remove()`: for edits that live until undo (T-Patcher).
+
+    what="output": fn(module, inputs, output[, kwargs]) -> new output or None; what="input": fn(module, inputs)
+    -> new inputs or None. Everything temporary uses the context managers below, which always remove their hooks.
+    """
+    mod = _resolve(model, module)
+    if what == "output":
+        return mod.register_forward_hook(fn, with_kwargs=with_kwargs)
+    if what == "input":
+        return mod.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+    raise ValueError(f"what: expected 'output' or 'input', got {what!r}")
+
+
+@contextmanager
+def on_forward(model, modules, fn, what="output"):
+    """Call fn(name, tensor) with each module's output (or first input) on every forward inside the block.
+
+    fn's return value is ignored: this is for reading (accumulating statistics, stopping a forward early);
+    `patch` changes what a module returns.
+    """
+    names = [modules] if isinstance(modules, str) else list(modules)
+    handles = []
+    try:
+        for name in names:
+            def hook(module, inputs, *output, name=name):
+                fn(name, first_tensor(output[0] if output else inputs))   # returns None: nothing is replaced
+            handles.append(attach(model, name, hook, what))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextmanager
 def record(model, modules, what="output", detach=True, whole=False):
     """Record each module's output (or input) on every forward: yields {name: tensor} (last call wins).

@@ -120,3 +120,33 @@ def test_replay_returns_recorded_outputs_and_restores_forward(tiny):
         assert module.forward is not marker
     assert module.forward is marker
     del module.forward
+
+
+def test_on_forward_reads_without_changing_and_removes_its_hooks(tiny):
+    ids = torch.randint(0, 1000, (1, 5))
+    name = adapters.module_name(tiny, "mlp_out", 0)
+    before = tiny(input_ids=ids).logits
+    seen = []
+    with hooks.on_forward(tiny, [name], lambda n, x: seen.append((n, x.shape)) or 0, what="input"):
+        during = tiny(input_ids=ids).logits     # the callback returns 0: nothing may be replaced
+    assert seen and seen[0][0] == name and seen[0][1][-1] == adapters.mlp_dims(tiny)[1]
+    assert torch.equal(before, during)
+    assert not adapters.get_module(tiny, name)._forward_pre_hooks
+
+
+def test_caches_are_weak_per_owner_and_cleared_at_once():
+    import gc
+    from kedit_lite import caches
+    c = caches.Cache("test cache", maxsize=2)
+    owner = torch.nn.Linear(2, 2)
+    calls = []
+    assert c.get("a", lambda: calls.append(1) or 1, owner) == 1
+    assert c.get("a", lambda: calls.append(2) or 2, owner) == 1 and calls == [1]
+    c.get("b", lambda: 2, owner), c.get("c", lambda: 3, owner)
+    assert c.peek("a", owner) is None and c.peek("c", owner) == 3      # maxsize 2: the oldest went
+    c.get("x", lambda: "shared")
+    del owner
+    gc.collect()
+    assert len(c) == 1                                                  # the owner's entries left with it
+    ke.clear_caches()
+    assert len(c) == 0

@@ -161,3 +161,36 @@ def test_default_path_needs_no_dataset(path):
         if cell["cell_type"] == "code":
             hit = NEEDS_DATA.search("".join(cell["source"]))
             assert not hit, f"{path.name} cell {i} calls {hit.group(0)!r}: use ke.course.facts(cfg, ...)"
+
+
+SEEDS = ROOT.parent / "shared" / "seeds" / "README.md"
+
+
+def _seed_table_rows():
+    """Table 5.2 rows as written in ../shared/seeds/README.md: (method, [five ratings])."""
+    rows = []
+    for line in SEEDS.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0].endswith("法"):
+            rows.append((cells[1], cells[2:]))
+    return rows
+
+
+@pytest.mark.skipif(not SEEDS.exists(), reason="the course's source documents (../shared/seeds) are not beside the repo")
+def test_table_5_2_is_the_textbooks_exactly():
+    ours = json.loads((ROOT / "book" / "results" / "textbook_table_5_2.json").read_text(encoding="utf-8"))
+    props = list(ours["properties"])
+    mine = [(r["method"], [r[p] for p in props]) for r in ours["rows"]]
+    assert mine == _seed_table_rows() and len(mine) == 8
+
+
+def test_figure_script_draws_every_figure(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("draw_figures", ROOT / "scripts" / "draw_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.main(tmp_path)
+    assert sorted(p.name for p in written) == sorted(p.name for p in (ROOT / "book" / "figures").glob("*.svg"))
+    for path in written:
+        text = path.read_text(encoding="utf-8")
+        assert text.lstrip().startswith("<?xml") and "<svg" in text and "<text" in text   # text stays text

@@ -44,10 +44,10 @@ def load(path):
 
 def test_toc_order():
     files = toc_files()
-    assert files[:2] == ["book/intro", "book/how_to_use"]
+    assert files[:3] == ["book/intro", "book/how_to_use", "book/instructor"]
     n = len(CHAPTERS)
-    assert files[2:2 + n] == [f"notebooks/{c}" for c in CHAPTERS]
-    assert files[2 + n:] == ["book/glossary", "book/references", "book/execution"]
+    assert files[3:3 + n] == [f"notebooks/{c}" for c in CHAPTERS]
+    assert files[3 + n:] == ["book/glossary", "book/references", "book/execution"]
 
 
 @pytest.mark.parametrize("entry", toc_files())

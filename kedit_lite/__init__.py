@@ -19,7 +19,8 @@ from . import course  # noqa: E402
 # name -> (module, attribute or None for the module itself)
 _LAZY = {"causal_trace": ("kedit_lite.tracing", "causal_trace"),
          "suggest_layer": ("kedit_lite.tracing", "suggest_layer"),
-         "widgets": ("kedit_lite.widgets", None), "edit_lab": ("kedit_lite.widgets", "edit_lab")}
+         "widgets": ("kedit_lite.widgets", None), "edit_lab": ("kedit_lite.widgets", "edit_lab"),
+         "quiz": ("kedit_lite.quiz", None)}
 
 
 def __getattr__(name):

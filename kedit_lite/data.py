@@ -67,6 +67,11 @@ def _probes(items):
     return [Probe(p["prompt"], p["answer"]) for p in items or []]
 
 
+def textbook_table_5_2():
+    """Table 5.2 of the textbook (§5.2.3): eight methods rated on five properties, as data (chapter 9)."""
+    return json.loads((_PACKAGE_DATA / "textbook_table_5_2.json").read_text(encoding="utf-8"))
+
+
 def load_lecture(kind=None):
     """The course's own edit cases (lecture and textbook examples, EN with ZH alongside), as EditCase objects."""
     raw = json.loads((_PACKAGE_DATA / "lecture_cases.json").read_text(encoding="utf-8"))

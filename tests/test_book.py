@@ -178,7 +178,7 @@ def _seed_table_rows():
 
 @pytest.mark.skipif(not SEEDS.exists(), reason="the course's source documents (../shared/seeds) are not beside the repo")
 def test_table_5_2_is_the_textbooks_exactly():
-    ours = json.loads((ROOT / "book" / "results" / "textbook_table_5_2.json").read_text(encoding="utf-8"))
+    ours = json.loads((ROOT / "kedit_lite" / "data" / "textbook_table_5_2.json").read_text(encoding="utf-8"))
     props = list(ours["properties"])
     mine = [(r["method"], [r[p] for p in props]) for r in ours["rows"]]
     assert mine == _seed_table_rows() and len(mine) == 8
@@ -194,3 +194,53 @@ def test_figure_script_draws_every_figure(tmp_path):
     for path in written:
         text = path.read_text(encoding="utf-8")
         assert text.lstrip().startswith("<?xml") and "<svg" in text and "<text" in text   # text stays text
+
+
+TYPED_CHAPTER = re.compile(r"(?<![\[\w])[Cc]hapters? \d+(?!\d)(?!\]\()")
+
+
+def _markdown_sources():
+    for nb in notebooks():
+        for i, cell in enumerate(load(nb)["cells"]):
+            if cell["cell_type"] == "markdown":
+                yield f"{nb.name} cell {i}", "".join(cell["source"])
+    for page in sorted((ROOT / "book").glob("*.md")):
+        yield page.name, page.read_text(encoding="utf-8")
+
+
+def test_chapter_references_are_links():
+    """'chapter 5' in prose is a link, so the -W build fails when its target moves; titles are not references."""
+    typed = [f"{where}: {m.group(0)!r}" for where, text in _markdown_sources() for line in text.splitlines()
+             if not line.startswith("# ") for m in TYPED_CHAPTER.finditer(line)]
+    assert not typed, f"typed chapter references (write [chapter N](0N_name.ipynb)): {typed[:10]}"
+
+
+def _exercises(cells):
+    """[(header index, header text)] of every '### Exercise N' cell."""
+    return [(i, "".join(c["source"])) for i, c in enumerate(cells)
+            if c["cell_type"] == "markdown" and re.match(r"### Exercise \d+ — ", "".join(c["source"]))]
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_exercises_follow_the_pattern(path):
+    """≥ 3 exercises: difficulty and importance, a stub, a checker, a folded solution after it, proved in a hidden cell."""
+    cells = load(path)["cells"]
+    found = _exercises(cells)
+    assert len(found) >= 3, f"{path.name}: {len(found)} exercises"
+    for i, head in found:
+        assert re.search(r"\*\*Difficulty\*\* ⭐{1,3} · \*\*Importance\*\* [●○]{3}", head), head[:80]
+        stub, checker, solution, proof = (cells[i + k] for k in range(1, 5))
+        stub_src = "".join(stub["source"])
+        assert stub["cell_type"] == "code" and "NotImplementedError" in stub_src and "solution" not in stub_src
+        assert checker["cell_type"] == "code" and "def check_" in "".join(checker["source"])
+        assert solution["cell_type"] == "markdown" and "".join(solution["source"]).startswith("<details>")
+        assert proof["cell_type"] == "code" and "hide-input" in proof["metadata"].get("tags", [])
+        assert proof["metadata"].get("jupyter", {}).get("source_hidden") and "assert check_" in "".join(proof["source"])
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_chapter_ends_with_its_quiz(path):
+    cells = load(path)["cells"]
+    chapter = f"ch{int(path.name[:2])}"
+    assert "".join(cells[-1]["source"]).strip() == f'ke.quiz.show("{chapter}")'
+    assert "## Self-check quiz" in "".join(cells[-2]["source"])

@@ -244,3 +244,12 @@ def test_chapter_ends_with_its_quiz(path):
     chapter = f"ch{int(path.name[:2])}"
     assert "".join(cells[-1]["source"]).strip() == f'ke.quiz.show("{chapter}")'
     assert "## Self-check quiz" in "".join(cells[-2]["source"])
+
+
+def test_every_figure_is_shown_in_a_chapter():
+    shown = set()
+    for nb in notebooks():
+        for cell in load(nb)["cells"]:
+            shown |= set(re.findall(r"\]\(\.\./book/figures/([\w-]+\.svg)\)", "".join(cell["source"])))
+    drawn = {p.name for p in (ROOT / "book" / "figures").glob("*.svg")}
+    assert drawn and drawn == shown, f"drawn but not shown: {drawn - shown}; shown but missing: {shown - drawn}"

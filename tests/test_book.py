@@ -253,3 +253,15 @@ def test_every_figure_is_shown_in_a_chapter():
             shown |= set(re.findall(r"\]\(\.\./book/figures/([\w-]+\.svg)\)", "".join(cell["source"])))
     drawn = {p.name for p in (ROOT / "book" / "figures").glob("*.svg")}
     assert drawn and drawn == shown, f"drawn but not shown: {drawn - shown}; shown but missing: {shown - drawn}"
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_chapter_has_the_textbook_arc(path):
+    """Goals, where it sits in the lecture and the textbook, a time estimate, then … a summary before the exercises."""
+    cells = load(path)["cells"]
+    intro = "".join(cells[0]["source"])
+    assert "**Learning goals**" in intro and "*Where this sits:*" in intro and "*Time:*" in intro and "§5." in intro
+    headings = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    summary = next(i for i, h in enumerate(headings) if "## Summary" in h)
+    exercises = next(i for i, h in enumerate(headings) if "## Exercises" in h)
+    assert summary <= exercises

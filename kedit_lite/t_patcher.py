@@ -280,7 +280,7 @@ def patch_losses(l_e, patch, q_edit, q_memory, cfg):
     s_mem = patch.scores(q_memory)                                   # (N, P): q_i·k_p + b_p
     l_m1 = _hinge_mean(torch.relu(s_mem - cfg.beta), cfg.violators_mean)            # 5.12
     l_m2 = _hinge_mean(torch.relu(s_mem - s_edit + cfg.gamma), cfg.violators_mean)  # 5.13 (the bias cancels)
-    total = l_e + cfg.act_weight * l_a + cfg.memory_weight * (l_m1 + l_m2)
+    total = l_e + cfg.act_weight * l_a + cfg.memory_weight * (l_m1 + l_m2)   # 5.14, with L_m = l_m1 + l_m2 (5.11)
     return total, {"edit": l_e.item(), "act": l_a.item(), "mem_over": l_m1.item(), "mem_margin": l_m2.item()}
 
 
@@ -306,14 +306,17 @@ def _optimise(patch, losses, cfg):
 
 
 def reference_edit(model, tok, requests, cfg=Config()):
-    """T-Patcher as in the paper, plainly (full forwards, no caches); returns the trained patch (not installed) and log."""
+    """T-Patcher in plain code (full forwards, no caches): the trained patch (not installed) and its loss log.
+
+    With `cfg.violators_mean=False` and `contrast=False` the objective is the paper's exactly (see Config).
+    """
     requests = as_request_list(requests)
     layer = resolve_layer(model, cfg.layer)
     mlp = module_name(model, "mlp", layer)
     batch = edit_batch(model, tok, requests)
     q_all = _input_at(model, layer, batch).float()
     q_edit = q_all[batch["answer_mask"]]                             # q_e: one query per target token
-    texts = cfg.memory or MEMORY_TEXT
+    texts = cfg.memory or MEMORY_TEXT                                # D_M: unrelated inputs the patch must ignore
     q_memory = memory_set(text_queries(model, tok, texts, layer), q_all, batch,
                           contrast_queries(model, tok, requests, layer) if cfg.contrast else None)
     patch = initial_patch(q_edit, q_memory, layer)
@@ -327,6 +330,7 @@ def reference_edit(model, tok, requests, cfg=Config()):
                                                 ignore_index=-100)   # 5.10: the target's cross-entropy
         return patch_losses(l_e, patch, q_edit, q_memory, cfg)
     history = _optimise(patch, losses, cfg)
+    _finish(patch, next(model.parameters()).dtype)
     return patch, history
 
 
@@ -355,7 +359,7 @@ def _fast_losses(model, batch, fixed, patch, q_edit, q_memory, cfg):
     return patch_losses(l_e, patch, q_edit, q_memory, cfg)
 
 
-def _finish(model, patch, dtype):
+def _finish(patch, dtype):
     """Freeze the trained patch in the model's dtype (its maths stay float32); refuse a non-finite one."""
     for p in patch.parameters():
         p.requires_grad_(False)
@@ -376,7 +380,7 @@ def apply(model, tok, requests, cfg):
     _install(model, patch)
     try:
         history = _optimise(patch, lambda: _fast_losses(model, batch, fixed, patch, q_edit, q_memory, cfg), cfg)
-        _finish(model, patch, next(model.parameters()).dtype)
+        _finish(patch, next(model.parameters()).dtype)
     except BaseException:
         _remove(model, patch)
         raise

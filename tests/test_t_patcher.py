@@ -202,9 +202,10 @@ def test_config_is_frozen_and_reaches_apply(tiny_gpt2, tok):
     res.undo()
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-@pytest.mark.parametrize("violators_mean", [True, False])
-def test_fast_path_equals_reference(model_type, violators_mean, tok):
+@pytest.mark.parametrize("model_type,layer,violators_mean", [("gpt2", None, True), ("gpt2", None, False),
+                                                              ("llama", None, True), ("llama", None, False),
+                                                              ("gpt2", 1, True)])
+def test_fast_path_equals_reference(model_type, layer, violators_mean, tok):
     """apply() (blocks below replayed, logits at the answer positions only) trains the same patch as reference_edit.
 
     Both start from the same patch and take the same Adam steps; they differ only in float rounding (the LM head
@@ -213,7 +214,7 @@ def test_fast_path_equals_reference(model_type, violators_mean, tok):
     lr 0.05 (a total move up to 1) we allow 1e-4.
     """
     model = make_tiny(model_type)
-    cfg = t_patcher.Config(steps=20, violators_mean=violators_mean)
+    cfg = t_patcher.Config(layer=layer, steps=20, violators_mean=violators_mean)
     reference, history = t_patcher.reference_edit(model, tok, GOOD, cfg)
     assert t_patcher.patches(model) == []                        # the reference installs nothing
     res = ke.edit(model, tok, GOOD, method="t-patcher", config=cfg)
@@ -262,3 +263,22 @@ def test_hinge_means_published_and_ours():
         assert total.item() == pytest.approx(0.5 + torch.exp(torch.tensor(-4.0)).item() + over + margin)
     cfg = t_patcher.Config(gamma=5.0, violators_mean=False)     # margin 5: s_i - 4 + 5 > 0 for s_i = 1 and 0
     assert t_patcher.patch_losses(l_e, patch, q_edit, q_memory, cfg)[1]["mem_margin"] == pytest.approx((2 + 1) / 4)
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_answer_logits_are_the_full_models_on_every_family(tiny, tok, layer):
+    """The fast path's logits (blocks below replayed, LM head on the answer rows) are the full forward's, patch in."""
+    req = ke.EditRequest(**GOOD)
+    layer = t_patcher.resolve_layer(tiny, layer)
+    batch = t_patcher.edit_batch(tiny, tok, [req])
+    q_all, fixed = t_patcher.split_below(tiny, batch, layer)
+    with torch.no_grad():
+        plain = tiny(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    res = ke.edit(tiny, tok, req, method="t-patcher", layer=layer, steps=3, target_loss=0.0)   # the patch is in
+    with torch.no_grad():
+        full = tiny(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        fast = t_patcher.answer_logits(tiny, batch, fixed)
+    res.undo()
+    assert not torch.allclose(full, plain)                      # the patch acts, so the comparison means something
+    assert fast.shape == (int(batch["answer_mask"].sum()), full.shape[-1])
+    assert torch.allclose(fast, full[batch["answer_mask"]], atol=1e-5, rtol=1e-5)

@@ -54,7 +54,7 @@ def test_editor_shapes_identity_init_and_functional_edit(family, tok):
     deltas = editor(x, delta, mask)
     for name, shape in zip(editor.names, editor.shapes):
         assert deltas[name].shape == (1,) + shape
-        t = editor.transforms[mend._shape_key(shape)]
+        t = editor.transforms[mend.shape_key(shape)]
         xt, dt = t(x[name], delta[name], 0)  # identity at initialisation: the normalised inputs come back
         assert torch.allclose(xt, t.norm_x(x[name]), atol=1e-6) and torch.allclose(dt, t.norm_d(delta[name]), atol=1e-6)
     # The functional edit (hooks adding x Δᵀ) equals writing W + Δ into the weights (checks Conv1D orientation).

@@ -6,6 +6,8 @@ matrix: an editor network g maps each pair (u_t, δ_t) -> (ũ_t, δ̃_t), and th
 with a learned step size α_ℓ per edited matrix. The editor is meta-trained with the base model frozen: apply
 the edit functionally, then loss = NLL(target_new | edit prompt, rephrase) + c_loc · KL(pre || post, unrelated).
 `reference_edit` is the same algorithm written plainly; `apply` is the fast path tested equal to it.
+Beyond the paper: `Config.scale` (default 1.0, the paper's step) and the editor blocks' ReLU placement
+(LowRankBlock says why the shipped editor keeps it).
 Train an editor with `python scripts/train_mend.py --out <path>` (options: `TrainConfig`).
 """
 import json
@@ -200,7 +202,12 @@ class RunningNorm(nn.Module):
 
 
 class LowRankBlock(nn.Module):
-    """h = z + s_ℓ ⊙ U relu(V z + b) + o_ℓ : residual, low-rank, identity at initialisation (U = 0)."""
+    """h = z + s_ℓ ⊙ U relu(V z + b) + o_ℓ : residual, low-rank, identity at initialisation (U = 0, o = 0).
+
+    The paper's §3.1 block is h = z + σ(s_ℓ ⊙ (U V z + b) + o_ℓ), the nonlinearity after the low-rank product;
+    here the ReLU sits inside the bottleneck. Kept because the shipped editor was trained with this form: its
+    U, V, s, o mean nothing in the other one. Both are residual, low-rank and the identity at initialisation.
+    """
 
     def __init__(self, dim, rank, n_slots):
         super().__init__()
@@ -409,7 +416,7 @@ def reference_factors(model, tok, request, names):
 
 
 def reference_editor_net(editor, i, u, d):
-    """The editor g of §3.2 on one weight's pairs, token by token: (u_t, δ_t) -> (ũ_t, δ̃_t)."""
+    """The editor g of §3.1 on one weight's pairs, token by token: (u_t, δ_t) -> (ũ_t, δ̃_t)."""
     t, slot = editor.transform_of(i), editor.slots[i]
 
     def normalise(norm, v):  # each dimension to zero mean, unit variance (statistics from meta-training)
@@ -430,9 +437,10 @@ def reference_edit(model, tok, requests, editor, scale=1.0):
     """MEND as in the paper, slow and plain: {name: ΔW (out, in)} for `requests` (the model is not changed).
 
     Per request and edited weight: the rank-one factors (u_t, δ_t) of ∇W L = Σ_t δ_t u_tᵀ (§3.1), the editor
-    g(u_t, δ_t) = (ũ_t, δ̃_t) (§3.2), then ΔW = −α_ℓ Σ_t δ̃_t ũ_tᵀ (§3.1's edit W̃ = W − α_ℓ ∇̃W); requests add up.
+    g(u_t, δ_t) = (ũ_t, δ̃_t) (§3.1), then ΔW = −α_ℓ Σ_t δ̃_t ũ_tᵀ (§3.1's edit W̃ = W − α_ℓ ∇̃W); requests add up.
     """
-    total = {n: torch.zeros(weight_shape(model, n)) for n in editor.names}
+    device = next(model.parameters()).device
+    total = {n: torch.zeros(weight_shape(model, n), device=device) for n in editor.names}
     for request in requests:
         u, d = reference_factors(model, tok, request, editor.names)
         for i, name in enumerate(editor.names):
@@ -455,7 +463,7 @@ def _training_batch(tok, cases, device):
 
 
 def meta_step(model, tok, editor, cases, c_loc=1.0, update_stats=True):
-    """One meta-training step's losses: edit (NLL after the edit) and locality (KL before || after)."""
+    """One meta-training step's losses (§3.2): edit (NLL after the edit) and locality (KL before || after)."""
     device = next(model.parameters()).device
     B = len(cases)
     batch = _training_batch(tok, cases, device)

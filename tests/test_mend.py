@@ -303,3 +303,15 @@ def test_training_script_builds_its_flags_from_train_config(tmp_path):
     assert script.parse([])[1] == mend.TrainConfig()
     with pytest.raises(ke.EditError, match="^steps: expected"):
         script.parse(["--steps", "0"])
+
+
+def test_python_m_kedit_lite_mend_train_runs_the_script():
+    """Chapter 9 names `python -m kedit_lite.mend train ...`: it is the training script's command line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(mend.__file__).parents[1]
+    out = subprocess.run([sys.executable, "-m", "kedit_lite.mend", "train", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "scripts/train_mend.py" in out.stdout and "--c-loc" in out.stdout and "--max-seconds" in out.stdout

@@ -169,3 +169,29 @@ def replay(model, outputs):
         return lambda original: (lambda *a, **k: value()) if callable(value) else (lambda *a, **k: value)
     with override_forward([(_resolve(model, name), constant(value)) for name, value in outputs.items()]):
         yield
+
+
+@contextmanager
+def inputs_and_output_grads(model, modules):
+    """Yield {name: (input, zero)} for each module's last forward: its input, and a float32 zero added to its output.
+
+    After `torch.autograd.grad(loss, zero)` that gradient is ∂loss/∂output (MEND's δ, chapter 6): adding a zero
+    leaf makes the output differentiable without touching the (frozen) weights or changing the output.
+    """
+    names = [modules] if isinstance(modules, str) else list(modules)
+    store, handles = {}, []
+
+    def catcher(name):
+        def hook(module, inputs, output):
+            hidden = first_tensor(output)
+            zero = torch.zeros_like(hidden, dtype=torch.float32, requires_grad=True)
+            store[name] = (first_tensor(inputs).detach(), zero)
+            return replace_first_tensor(output, hidden + zero.to(hidden.dtype))
+        return hook
+    try:
+        for name in names:
+            handles.append(_resolve(model, name).register_forward_hook(catcher(name)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

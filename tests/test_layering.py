@@ -17,7 +17,6 @@ def _tree(path):
     return ast.parse(path.read_text(encoding="utf-8"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25 in progress: mend._main (61 lines) moves to scripts/train_mend.py")
 def test_functions_are_short():
     long = []
     for path in MODULES:
@@ -65,7 +64,7 @@ def test_no_private_names_cross_modules():
     assert not crossing, f"private names used across modules: {crossing}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25 in progress: chapter 2 reads res._snapshot, chapter 6 mend._shape_key")
+@pytest.mark.xfail(strict=True, reason="issue 25 in progress: chapter 2 reads res._snapshot")
 def test_notebooks_use_no_private_library_names():
     import json
     root = LIB.parent / "notebooks"
@@ -106,7 +105,7 @@ def test_no_block_repeated_across_the_library():
     assert not repeats, f"blocks of {REPEAT_LINES}+ lines repeated: {sorted(set(repeats))[:20]}"
 
 
-NOT_YET_ON_HOOKS_PY = {"keys_values.py", "mend.py", "stats.py", "tracing.py"}   # issue 25 in progress
+NOT_YET_ON_HOOKS_PY = {"keys_values.py", "stats.py", "tracing.py"}   # issue 25 in progress
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="issue 25 in progress"))

@@ -54,7 +54,7 @@ def test_editor_shapes_identity_init_and_functional_edit(family, tok):
     deltas = editor(x, delta, mask)
     for name, shape in zip(editor.names, editor.shapes):
         assert deltas[name].shape == (1,) + shape
-        t = editor.transforms[mend._shape_key(shape)]
+        t = editor.transforms[mend.shape_key(shape)]
         xt, dt = t(x[name], delta[name], 0)  # identity at initialisation: the normalised inputs come back
         assert torch.allclose(xt, t.norm_x(x[name]), atol=1e-6) and torch.allclose(dt, t.norm_d(delta[name]), atol=1e-6)
     # The functional edit (hooks adding x Δᵀ) equals writing W + Δ into the weights (checks Conv1D orientation).
@@ -180,3 +180,138 @@ def test_shipped_checkpoint_edits_smollm2_and_undo_is_exact(smol):
     assert_same_weights(model, saved)
     with pytest.raises(ke.EditError, match="trained for"):
         ke.edit(make_tiny("llama"), tok, REQ, method="mend")
+
+
+def _seeded_editor(model, tok, seed=0):
+    """An untrained editor with random (seeded) blocks and statistics, so every part of g is exercised."""
+    torch.manual_seed(seed)
+    editor = mend.MENDEditor.for_model(model, n_layers=2, rank=8, lr_init=1e-2)
+    with torch.no_grad():
+        for block in (b for t in editor.transforms.values() for b in t.blocks):
+            block.U.normal_(0, 0.3)
+            block.b.normal_(0, 0.3)
+            block.scale.uniform_(0.5, 1.5)
+            block.shift.normal_(0, 0.1)
+        editor.log_lr.uniform_(-5, -3)
+    batch = encode_pairs(tok, ["The Eiffel Tower is in", "Paris is the capital of"], ["Rome", "France"])
+    x, delta, _, _ = mend.gradient_factors(model, editor.names, batch)
+    editor.update_stats(x, delta, batch["attention_mask"].bool())
+    return editor
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("n_requests", [1, 2])
+def test_fast_apply_equals_the_plain_reference(family, n_requests, tok):
+    """apply (one addmm_ per weight over all tokens) == reference_edit (per request, per token outer products).
+
+    Same float32 sums in another order (about T·rank terms each): relative differences are ~1e-6, so rtol 1e-4
+    with an absolute floor of 1e-5 of the largest entry is tight enough to catch any missing term or factor.
+    """
+    model = make_tiny(family)
+    editor = _seeded_editor(model, tok)
+    requests = [REQ, ke.EditRequest("{} is the capital of", "Paris", "Spain")][:n_requests]
+    saved = snapshot(model)
+    want = mend.reference_edit(model, tok, requests, editor, scale=1.5)
+    assert_same_weights(model, saved)                        # the reference only computes
+    result = ke.edit(model, tok, requests, method="mend", checkpoint=editor, scale=1.5)
+    params = dict(model.named_parameters())
+    for name in editor.names:
+        got = as_out_in(model, params[name] - saved[name])
+        ref = want[name]
+        assert ref.abs().max() > 0, name
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item()), name
+    result.undo()
+    assert_same_weights(model, saved)
+
+
+def test_reference_gradient_factors_match_the_fast_ones(tok):
+    """reference_factors (autograd on the recorded outputs) and gradient_factors (zero leaves) agree."""
+    model = make_tiny("llama")
+    names = mend.edited_parameters(model, 2)
+    u, d = mend.reference_factors(model, tok, REQ, names)
+    batch = encode_pairs(tok, [REQ.prompt_text], [REQ.target_new])
+    x, delta, _, _ = mend.gradient_factors(model, names, batch)
+    for n in names:  # cross_entropy vs log_softmax + gather round differently: 1e-4 of the largest δ entry
+        assert torch.allclose(u[n], x[n][0], atol=1e-6)
+        assert torch.allclose(d[n], delta[n][0], rtol=1e-4, atol=1e-4 * d[n].abs().max().item())
+    assert not any(p.requires_grad for p in model.parameters())     # the reference put requires_grad back
+
+
+BAD_OPTIONS = [("checkpoint", 42), ("checkpoint", 1.5), ("scale", 0), ("scale", -1.0), ("scale", float("nan")),
+               ("scale", True), ("scale", "2")]
+BAD_TRAIN_OPTIONS = [("steps", 0), ("steps", True), ("batch_size", 0), ("batch_size", 2.0), ("c_loc", -1.0),
+                     ("c_loc", "1"), ("lr", 0), ("lr", float("inf")), ("lr_lr", -1e-2), ("lr_lr", True),
+                     ("rank", 0), ("rank", 8.5), ("n_layers", 0), ("n_layers", True), ("lr_init", 0),
+                     ("lr_init", 100.0), ("grad_clip", 0), ("grad_clip", None), ("seed", -1), ("seed", 1.0),
+                     ("max_seconds", 0), ("max_seconds", "60")]
+
+
+def test_every_option_has_a_bad_value_tested():
+    import dataclasses
+    assert {f.name for f in dataclasses.fields(mend.Config)} == {n for n, _ in BAD_OPTIONS}
+    assert {f.name for f in dataclasses.fields(mend.TrainConfig)} == {n for n, _ in BAD_TRAIN_OPTIONS}
+
+
+@pytest.mark.parametrize("field, value", BAD_OPTIONS)
+def test_bad_edit_option_is_refused_by_name(field, value, tok):
+    model = make_tiny("llama")
+    saved = snapshot(model)
+    with pytest.raises(ke.EditError, match=f"^{field}: expected"):
+        mend.Config(**{field: value})
+    with pytest.raises(ke.EditError, match=f"^{field}: expected"):
+        ke.edit(model, tok, REQ, method="mend", **{field: value})
+    assert_same_weights(model, saved)
+
+
+@pytest.mark.parametrize("field, value", BAD_TRAIN_OPTIONS)
+def test_bad_training_option_is_refused_by_name(field, value):
+    with pytest.raises(ke.EditError, match=f"^{field}: expected"):
+        mend.TrainConfig(**{field: value})
+
+
+def test_options_come_as_config_or_keywords(tok):
+    model = make_tiny("llama")
+    editor = _seeded_editor(model, tok)
+    cfg = ke.editing.method_config("mend", mend.Config(checkpoint=editor), scale=2.0)
+    assert cfg == mend.Config(checkpoint=editor, scale=2.0)
+    with pytest.raises(ke.EditError, match=r"hparams: unknown option\(s\) \['steps'\]"):
+        ke.edit(model, tok, REQ, method="mend", checkpoint=editor, steps=3)   # a training option, not an edit one
+    with pytest.raises(ke.EditError, match=r"unknown option\(s\) \['scale'\]"):
+        mend.train(model, tok, [], scale=2.0)
+
+
+def test_gradient_factors_leave_no_hook_behind(tok):
+    model = make_tiny("gpt2")
+    names = mend.edited_parameters(model, 1)
+    batch = encode_pairs(tok, [REQ.prompt_text], [REQ.target_new])
+    mend.gradient_factors(model, names, batch)
+    with torch.no_grad(), mend.apply_deltas(model, {n: torch.zeros((1,) + mend.weight_shape(model, n))
+                                                     for n in names}):
+        pass
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_training_script_builds_its_flags_from_train_config(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("train_mend", Path(mend.__file__).parents[1] / "scripts" /
+                                                  "train_mend.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args, cfg = script.parse(["--steps", "7", "--c-loc", "3", "--max-seconds", "60", "--out", str(tmp_path / "e")])
+    assert cfg == mend.TrainConfig(steps=7, c_loc=3.0, max_seconds=60.0) and args.out == str(tmp_path / "e")
+    assert script.parse([])[1] == mend.TrainConfig()
+    with pytest.raises(ke.EditError, match="^steps: expected"):
+        script.parse(["--steps", "0"])
+
+
+def test_python_m_kedit_lite_mend_train_runs_the_script():
+    """Chapter 9 names `python -m kedit_lite.mend train ...`: it is the training script's command line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(mend.__file__).parents[1]
+    out = subprocess.run([sys.executable, "-m", "kedit_lite.mend", "train", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "scripts/train_mend.py" in out.stdout and "--c-loc" in out.stdout and "--max-seconds" in out.stdout

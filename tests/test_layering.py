@@ -65,7 +65,7 @@ def test_no_private_names_cross_modules():
     assert not crossing, f"private names used across modules: {crossing}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25 in progress: chapter 2 reads res._snapshot, chapter 6 mend._shape_key")
+@pytest.mark.xfail(strict=True, reason="issue 25 in progress: chapter 6 reads mend._shape_key")
 def test_notebooks_use_no_private_library_names():
     import json
     root = LIB.parent / "notebooks"

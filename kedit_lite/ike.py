@@ -2,21 +2,13 @@
 
 Zheng et al. 2023, "Can We Edit Factual Knowledge by In-Context Learning?" (arXiv 2305.12740). The edited "model"
 is the unchanged model plus a context: k demonstrations retrieved from a pool of other edits by sentence-embedding
-similarity, then the new fact itself, in the paper's format
-
-    New Fact: The Louvre is located in the city of Rome
-    Prompt: The Louvre can be found in the city of Rome          <- one demonstration ("update")
-
-    New Fact: The Space Needle is located in the city of Taipei
-    Prompt: <the question goes here>
-
+similarity, then the new fact itself, in the paper's format ("New Fact: <fact>\nPrompt: <prompt> <answer>").
 Three kinds of demonstration teach three behaviours: copy (the prompt is the new fact itself), update (a paraphrase,
 answered with the new fact) and retain (an unrelated neighbour prompt, answered with its OLD answer: the new fact
 must not leak). The paper uses k=32 = 4 copy / 12 update / 16 retain; the default here is k=8 with the same
-proportions: every query re-reads the whole context, so on a CPU each demonstration costs time on every question.
-The context ends with "Prompt: ", so `context + question` is exactly what the model reads; `ke.evaluate(...,
-context=result.context)` scores it with the same metrics as weight edits.
-Several requests in one edit: their new facts are joined into one "New Fact:" line ("A. B").
+proportions, since every query re-reads the whole context. The context ends with "Prompt: ", so
+`context + question` is exactly what the model reads; `ke.evaluate(..., context=result.context)` scores it with
+the same metrics as weight edits. Several requests in one edit: their new facts are joined into one "New Fact:" line.
 """
 import random
 from dataclasses import dataclass
@@ -235,6 +227,34 @@ def build_context(tok, requests, demos, chat=False):
     messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": body}]
     # The assistant's turn is pre-filled with "Prompt: ", so appending the question continues that turn.
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "Prompt: "
+
+
+def reference_context(tok, requests, records, cfg):
+    """IKE's context the plain way (paper §3.2): embed, rank the pool by cosine similarity, label, format.
+
+    No cache, no top-k, no window fitting: the yardstick `apply` is tested equal to when everything fits.
+    """
+    from .retrieval import embed
+    facts = [r.prompt_text + join(r.prompt_text, r.target_new) for r in requests]
+    query, keys = embed(facts), embed([rec.fact for rec in records])     # unit vectors: dot product = cosine
+    own = {r.subject.lower() for r in requests} | {r.prompt_text.lower() for r in requests}
+    ranked = []
+    for i, rec in enumerate(records):
+        if rec.subject.lower() in own or rec.prompt.lower() in own:
+            continue                                                       # never the edit's own fact
+        ranked.append((max(float(q @ keys[i]) for q in query), i))        # close to any of the new facts
+    ranked.sort(key=lambda pair: -pair[0])
+    counts = demo_counts(cfg.k, cfg.mix)
+    slots = [kind for kind in KINDS for _ in range(counts[kind])]
+    random.Random(cfg.seed).shuffle(slots)                                 # kinds in random order, as in the paper
+    demos, used = [], set()
+    for kind in slots:
+        for _, i in ranked:
+            if i not in used and records[i].supports(kind):
+                used.add(i)
+                demos.append({"kind": kind, "record": records[i]})
+                break
+    return build_context(tok, requests, demos[::-1], cfg.chat)            # nearest last, next to the question
 
 
 def _drop_one(demos, counts):

@@ -181,3 +181,22 @@ def test_tracing_and_ike_caches_are_library_caches(tok):
     ke.clear_caches()
     assert caches.all_caches()["tracing sigma"] == 0
     assert tracing.embedding_std(model, tok) == sigma
+
+
+POOL5 = [ke.EditCase(ke.EditRequest(prompt="{} is located in the city of", subject=s, target_new=t),
+                     paraphrase=[ke.Probe(f"{s} can be found in the city of", t)],
+                     locality=[ke.Probe(f"The museum next to {s} is in the city of", old)])
+         for s, t, old in [("The Louvre", "Rome", "Paris"), ("Big Ben", "Tokyo", "London"),
+                           ("The Colosseum", "Oslo", "Rome"), ("The Sydney Opera House", "Lima", "Sydney"),
+                           ("The Golden Gate Bridge", "Cairo", "San Francisco")]]
+
+
+@pytest.mark.parametrize("options", [dict(k=3), dict(k=4, mix=(1, 1, 1), seed=3), dict(k=2, mix=(0, 0, 1)),
+                                     dict(k=4, chat=True)], ids=str)
+def test_ike_context_equals_the_plain_reference(tok, options):
+    """Retrieval with cached embeddings and top-k gives exactly the reference's context (string equality)."""
+    model = make_tiny("llama")
+    res = ke.edit(model, tok, G, method="ike", pool=POOL5, **options)
+    records = ike.resolve_pool(POOL5)[1]
+    assert res.info["dropped"] == 0 and len(res.info["demonstrations"]) == options["k"]
+    assert res.context == ike.reference_context(tok, [ke.EditRequest(**G)], records, res.config)

@@ -77,17 +77,15 @@ def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams
     eval_seconds, n_queries, changes = 0.0, 0, None
     for i in tqdm(range(0, len(cases), batch_size), desc=method, leave=False):
         chunk = cases[i:i + batch_size]
-        # one case alone is edited as one request; a batch as a list (MEMIT solves them jointly)
-        scored = score_edit(model, tok, chunk if batch_size > 1 else chunk[0], method,
-                            befores[i:i + batch_size] if batch_size > 1 else befores[i], generation, **hparams)
-        chunk_afters = scored.after if batch_size > 1 else [scored.after]
+        # the chunk's requests go to one edit() call (MEMIT solves them jointly), then each case is scored
+        scored = score_edit(model, tok, chunk, method, befores[i:i + batch_size], generation, **hparams)
         seconds.append(scored.seconds)
         memory.append(scored.result.peak_memory_mb)
         changes = changes or _what_changes(model, scored)
         # cost of asking the edited model: IKE pays it on every query (its context makes each prompt longer)
         eval_seconds += scored.eval_seconds
-        n_queries += sum(_prompts_scored(a) for a in chunk_afters)
-        afters += chunk_afters
+        n_queries += sum(_prompts_scored(a) for a in scored.after)
+        afters += scored.after
     per_case = [dict({k: v for k, v in a.items() if k != "details"}, id=c.meta.get("id"))
                 for a, c in zip(afters, cases)]
     return {"method": method, "n": len(cases), "batch_size": batch_size, "n_edits": len(seconds),

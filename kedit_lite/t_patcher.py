@@ -1,28 +1,27 @@
 """T-Patcher (Huang et al. 2023): fix a mistake by adding a neuron to an FFN, not by changing weights (chapter 7).
 
 The textbook (§5.3, 附加参数法) reads the FFN as a key–value memory: FFN(q) = Σ_i act(q·k_i + b_i) v_i. A patch is
-one more neuron, FFN_p(q) = FFN(q) + a_p · v_p with a_p = act(q·k_p + b_p), trained alone with
-    edit loss        cross-entropy of the target (the patch must fix the mistake);
-    activation loss  exp(-(q_e·k_p + b_p)): the patch must fire on the edit query q_e;
-    memory losses    (q_i·k_p + b_p - β)_+ on unrelated queries q_i (stay off), and
-                     ((q_i - q_e)·k_p + γ)_+ (the edit query beats every memory query by a margin γ).
-
-For decoder-only models (the original code covers BERT/BART): one patch per target-token position, each keyed on
-its own query; a ReLU key on the MLP input for every architecture, so a query below threshold adds exactly nothing
-(gated SiLU and GELU leak); the last block by default, where a patch cannot leak to other positions through
-attention. Patches live in a forward hook (base weights untouched, undo removes it); the memory set is built-in
-unrelated text plus the edit prompt's other positions and (`contrast=True`) its template with other subjects.
-The reasons in full: book/results/tuning_history.md.
+one more neuron, FFN_p(q) = FFN(q) + a_p·v_p with a_p = ReLU(q·k_p + b_p), trained alone on L_p = l_e + a·l_a + m·L_m
+(textbook 5.8–5.14): the edit loss l_e, the activation loss l_a = exp(-(q_e·k_p + b_p)), and the memory hinges
+(q_i·k_p + b_p - β)_+ (stay off on unrelated queries q_i) and ((q_i - q_e)·k_p + γ)_+ (the edit beats them by γ).
+`reference_edit` is that algorithm in plain code; `apply` is the same maths, fast: q and the blocks below the patch
+cannot change while the patch trains, so they are computed once and each step runs only the patched block onwards.
+For decoder-only models (the original code covers BERT/BART): one neuron per target token, a ReLU key on every
+architecture (an input below threshold adds exactly nothing), the last block by default; the memory set D_M is
+built-in unrelated text plus the edit prompt's other positions and (`contrast=True`) its template with other
+subjects. Patches live in a forward hook (base weights untouched, undo removes it). Why: book/results/tuning_history.md.
 """
 import weakref
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from . import checks
 from .adapters import check_layer, module_name, num_layers
-from .hooks import first_tensor, replace_first_tensor
-from .requests import EditError
+from .caches import Cache
+from .hooks import attach, first_tensor, patch as patched_output, record, replace_first_tensor, replay
+from .requests import EditError, as_request_list
 from .tokens import encode_pairs
 
 # Unrelated text for the memory set: many relations, subjects that no course probe uses, and plain prose.
@@ -75,9 +74,43 @@ CONTRAST_SUBJECTS = ("Marie Curie", "the Louvre", "Volkswagen", "Leo Tolstoy", "
                      "Lake Victoria", "Pelé", "the BBC", "Vincent van Gogh", "Oxford")
 
 # model -> {(layer, memory texts): (N, d) float32 queries}; computed once, freed with the model.
-_MEMORY_CACHE = weakref.WeakKeyDictionary()
-# model -> [PatchNeurons] currently installed, in the order they were added.
+MEMORY_QUERIES = Cache("t_patcher.memory_queries")
+# model -> [PatchNeurons] currently installed, oldest first. Not a cache: the live patches undo() removes.
 _PATCHES = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Config:
+    """T-Patcher's options; a, m, β, γ are the textbook's 5.12–5.14 (`act_weight`, `memory_weight`, `beta`, `gamma`)."""
+    layer: int | None = None       # the patched FFN; None: the last block (the paper's choice)
+    steps: int = 60                # Adam steps at most
+    lr: float = 0.05
+    act_weight: float = 1.0        # a: weight of the activation loss l_a
+    memory_weight: float = 1.0     # m: weight of the memory loss L_m
+    beta: float = -1.0             # β: memory queries must score below it (<= 0, so a ReLU patch is off)
+    gamma: float = 3.0             # γ: margin by which the edit query beats every memory query
+    target_loss: float = 0.02      # stop once l_e is below this and both memory hinges are zero
+    memory: tuple | None = None    # unrelated texts for D_M; None: MEMORY_TEXT
+    contrast: bool = True          # ours: D_M also holds the edit's template filled with CONTRAST_SUBJECTS
+    violators_mean: bool = True    # ours: average each hinge over its violators, not over all of D_M (the paper)
+    progress: bool = False         # show a progress bar
+
+    def __post_init__(self):
+        if self.layer is not None and not checks.is_integer(self.layer):
+            raise EditError(f"layer: expected an integer layer index, or None for the last block; got {self.layer!r}")
+        checks.integer("steps", self.steps, 1)
+        checks.learning_rate(self.lr)
+        for name in ("act_weight", "memory_weight", "gamma", "target_loss"):
+            checks.number(name, getattr(self, name), 0, desc="a finite number >= 0")
+        checks.number("beta", self.beta, high=0, desc="a finite threshold <= 0 (memory queries must stay below it, "
+                      "and a ReLU patch is off only below 0)")
+        if self.memory is not None:
+            if (not isinstance(self.memory, (list, tuple)) or not self.memory
+                    or not all(isinstance(t, str) and t.strip() for t in self.memory)):
+                raise EditError("memory: expected a non-empty list of unrelated texts (or None for the built-in set)")
+            object.__setattr__(self, "memory", tuple(self.memory))
+        for name in ("contrast", "violators_mean", "progress"):
+            checks.flag(name, getattr(self, name))
 
 
 class PatchNeurons(torch.nn.Module):
@@ -109,18 +142,13 @@ class PatchNeurons(torch.nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _mlp(model, layer):
-    from .adapters import get_module
-    return get_module(model, module_name(model, "mlp", layer))
-
-
 def _install(model, patch):
     """Add the patch's output to the MLP's output on every forward (a hook; the base weights stay as they are)."""
     def hook(module, args, kwargs, output):
         q = args[0] if args else next(iter(kwargs.values()))
         out = first_tensor(output)
         return replace_first_tensor(output, out + patch(q).to(out.dtype))
-    patch.handle = _mlp(model, patch.layer).register_forward_hook(hook, with_kwargs=True)
+    patch.handle = attach(model, module_name(model, "mlp", patch.layer), hook, with_kwargs=True)
     _PATCHES.setdefault(model, []).append(patch)
 
 
@@ -150,29 +178,42 @@ def remove_all(model):
         _remove(model, patch)
 
 
+def resolve_layer(model, layer):
+    """The patched layer: the last block by default (the paper's choice), else `layer` checked against the model."""
+    if layer is None:
+        return num_layers(model) - 1
+    try:
+        return check_layer(model, layer, "layer")
+    except (TypeError, ValueError) as err:
+        raise EditError(str(err)) from err
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
 def _input_at(model, layer, batch):
-    """The FFN input q at `layer` for every token of `batch`: (B, S, d)."""
-    from .hooks import record
-    with torch.no_grad(), record(model, module_name(model, "mlp", layer), what="input") as store:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return store[module_name(model, "mlp", layer)]
+    """The FFN input q at `layer` for every token of `batch` (one forward, no LM head: q is all we need): (B, S, d)."""
+    name = module_name(model, "mlp", layer)
+    with torch.no_grad(), record(model, name, what="input") as store:
+        model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return store[name]
 
 
 @torch.no_grad()
+def text_queries(model, tok, texts, layer):
+    """FFN inputs at `layer` for every token of `texts`, one text per forward (no padding): (N, d) float32."""
+    rows = []
+    for text in texts:
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids], device=_device(model))
+        rows.append(_input_at(model, layer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0].float())
+    return torch.cat(rows)
+
+
 def memory_queries(model, tok, layer=None, texts=MEMORY_TEXT):
-    """FFN inputs at `layer` for every token of `texts` (N, d), float32; cached per model, layer and texts."""
-    layer = _layer(model, layer)
-    key = (layer, tuple(texts))
-    cache = _MEMORY_CACHE.setdefault(model, {})
-    if key not in cache:
-        device = next(model.parameters()).device
-        rows = []
-        for text in texts:
-            ids = torch.tensor([tok(text, add_special_tokens=False).input_ids], device=device)
-            q = _input_at(model, layer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-            rows.append(q[0].float())
-        cache[key] = torch.cat(rows)
-    return cache[key]
+    """text_queries of the memory texts (N, d), float32; computed once per model, layer and texts."""
+    layer, texts = resolve_layer(model, layer), tuple(texts)
+    return MEMORY_QUERIES.get((layer, texts), lambda: text_queries(model, tok, texts, layer), owner=model)
 
 
 @torch.no_grad()
@@ -180,7 +221,7 @@ def contrast_queries(model, tok, requests, layer, subjects=CONTRAST_SUBJECTS):
     """FFN inputs of every token of each request's template filled with other subjects: (M, d) float32."""
     texts = [r.template.replace("{}", s) for r in requests for s in subjects if s != r.subject]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+    batch = {k: v.to(_device(model)) for k, v in batch.items()}
     return _input_at(model, layer, batch)[batch["attention_mask"].bool()].float()
 
 
@@ -190,111 +231,161 @@ def activations(model, tok, prompts, patch=None, position=-1):
     chosen = [patch] if patch is not None else patches(model)
     if not chosen:
         raise EditError("patch: no T-Patcher patch is installed in this model; edit with method='t-patcher' first")
-    device = next(model.parameters()).device
     rows = []
     for prompt in [prompts] if isinstance(prompts, str) else prompts:
-        ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids], device=device)
+        ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids], device=_device(model))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         per_layer = {layer: _input_at(model, layer, batch)[0, position] for layer in {p.layer for p in chosen}}
         rows.append(torch.cat([p.activation(per_layer[p.layer]) for p in chosen]))
     return torch.stack(rows).cpu()
 
 
-def _layer(model, layer):
-    """The patched layer: the last block by default (the paper's choice)."""
-    if layer is None:
-        return num_layers(model) - 1
-    try:
-        return check_layer(model, layer, "layer")
-    except (TypeError, ValueError) as err:
-        raise EditError(str(err)) from err
-
-
-def _check_hparams(model, layer, steps, lr, act_weight, memory_weight, beta, gamma, target_loss, memory, contrast=True):
-    _layer(model, layer)
-    checks.flag("contrast", contrast)
-    checks.integer("steps", steps, 1)
-    for name, value in (("lr", lr), ("act_weight", act_weight), ("memory_weight", memory_weight),
-                        ("gamma", gamma), ("target_loss", target_loss)):
-        checks.number(name, value, 0, desc="a finite number >= 0")
-    if lr == 0:
-        raise EditError("lr: expected a positive learning rate, got 0")
-    checks.learning_rate(lr)
-    checks.number("beta", beta, high=0, desc="a finite threshold <= 0 (memory queries must stay below it, and a "
-                  "ReLU patch is off only below 0)")
-    if memory is not None and (not isinstance(memory, (list, tuple)) or not memory
-                               or not all(isinstance(t, str) and t.strip() for t in memory)):
-        raise EditError("memory: expected a non-empty list of unrelated texts (or None for the built-in set)")
-
-
-def touched_parameters(model, requests, layer=None, steps=60, lr=0.05, act_weight=1.0, memory_weight=1.0,
-                       beta=-1.0, gamma=3.0, target_loss=0.02, memory=None, contrast=True, **_):
-    """T-Patcher changes no base weight: it adds patch neurons (validates the options)."""
-    _check_hparams(model, layer, steps, lr, act_weight, memory_weight, beta, gamma, target_loss, memory, contrast)
+def touched_parameters(model, requests, cfg):
+    """T-Patcher changes no base weight: it adds patch neurons (checks the layer against the model)."""
+    resolve_layer(model, cfg.layer)
     return []
 
 
-def _losses(model, batch, patch, q_edit, q_memory, act_weight, memory_weight, beta, gamma):
-    """Edit + activation + memory losses of T-Patcher (chapter 7), each returned for logging."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    edit = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                             ignore_index=-100)
-    s_edit = patch.scores(q_edit).diagonal()                  # patch j on its own query q_j
-    act = torch.exp(-s_edit.clamp(max=30.0, min=-30.0)).mean()  # clamped: exp must not overflow
-    s_mem = patch.scores(q_memory)                            # (N, P)
-    # Means over the violators only: a handful of near-duplicates must not be diluted by hundreds of easy queries.
-    over = torch.relu(s_mem - beta)
-    mem1 = over.sum() / (over > 0).sum().clamp(min=1)
-    margin = torch.relu(s_mem - s_edit + gamma)
-    mem2 = margin.sum() / (margin > 0).sum().clamp(min=1)
-    total = edit + act_weight * act + memory_weight * (mem1 + mem2)
-    return total, {"edit": edit.item(), "act": act.item(), "mem_over": mem1.item(), "mem_margin": mem2.item()}
+def edit_batch(model, tok, requests):
+    """The prompt + target batch of the edit loss (labels already shifted to the positions that predict them)."""
+    return encode_pairs(tok, [r.prompt_text for r in requests], [r.target_new for r in requests], _device(model))
 
 
-def apply(model, tok, requests, layer=None, steps=60, lr=0.05, act_weight=1.0, memory_weight=1.0, beta=-1.0,
-          gamma=3.0, target_loss=0.02, memory=None, contrast=True, progress=False):
-    """Add one trained patch neuron per target token in `layer`'s FFN; returns restore (removes them) and info."""
-    _check_hparams(model, layer, steps, lr, act_weight, memory_weight, beta, gamma, target_loss, memory, contrast)
-    layer = _layer(model, layer)
-    param = next(model.parameters())
-    batch = encode_pairs(tok, [r.prompt_text for r in requests], [r.target_new for r in requests], param.device)
-    q_all = _input_at(model, layer, batch).float()
-    q_edit = q_all[batch["answer_mask"]]                      # (P, d): one query per target token
+def memory_set(q_memory_texts, q_all, batch, q_contrast=None):
+    """D_M: the memory texts' queries, the edit prompt's other positions, and the contrast queries if any."""
     others = q_all[batch["attention_mask"].bool() & ~batch["answer_mask"]]
-    parts = [memory_queries(model, tok, layer, tuple(memory) if memory else MEMORY_TEXT), others]
-    if contrast:
-        parts.append(contrast_queries(model, tok, requests, layer))
-    q_memory = torch.cat(parts)
-    patch = PatchNeurons(q_edit, layer).to(param.device)
-    with torch.no_grad():                                     # key = the edit query's direction, bias halfway
+    return torch.cat([q_memory_texts, others] + ([] if q_contrast is None else [q_contrast]))
+
+
+def initial_patch(q_edit, q_memory, layer):
+    """One neuron per edit query: key along the query, bias halfway between it and the highest memory score."""
+    patch = PatchNeurons(q_edit, layer).to(q_edit.device)
+    with torch.no_grad():
         patch.key.copy_(q_edit / q_edit.norm(dim=1, keepdim=True).clamp(min=1e-6))
         on = (q_edit * patch.key).sum(1)
         off = (q_memory @ patch.key.T).max(0).values
         patch.bias.copy_(-(on + off) / 2)
-    _install(model, patch)
-    optimizer = torch.optim.Adam(patch.parameters(), lr=lr)
+    return patch
+
+
+def _hinge_mean(x, violators_mean):
+    """Mean of a hinge over all of D_M (the paper), or over the queries that violate it (ours, see Config)."""
+    return x.sum() / (x > 0).sum().clamp(min=1) if violators_mean else x.mean()
+
+
+def patch_losses(l_e, patch, q_edit, q_memory, cfg):
+    """L_p = l_e + a·l_a + m·(l_m1 + l_m2) (textbook 5.14) from the edit loss l_e; also each term, for logging."""
+    s_edit = patch.scores(q_edit).diagonal()                         # patch j on its own edit query q_j
+    l_a = torch.exp(-s_edit.clamp(min=-30.0, max=30.0)).mean()       # 5.9; clamped so exp cannot overflow
+    s_mem = patch.scores(q_memory)                                   # (N, P): q_i·k_p + b_p
+    l_m1 = _hinge_mean(torch.relu(s_mem - cfg.beta), cfg.violators_mean)            # 5.12
+    l_m2 = _hinge_mean(torch.relu(s_mem - s_edit + cfg.gamma), cfg.violators_mean)  # 5.13 (the bias cancels)
+    total = l_e + cfg.act_weight * l_a + cfg.memory_weight * (l_m1 + l_m2)   # 5.14, with L_m = l_m1 + l_m2 (5.11)
+    return total, {"edit": l_e.item(), "act": l_a.item(), "mem_over": l_m1.item(), "mem_margin": l_m2.item()}
+
+
+def _done(parts, cfg):
+    """Early stop: the target is likely enough and no memory query violates a hinge."""
+    return parts["edit"] < cfg.target_loss and parts["mem_over"] == 0 and parts["mem_margin"] == 0
+
+
+def _optimise(patch, losses, cfg):
+    """Adam on the patch alone: `losses()` -> (L_p, parts) each step, until _done or cfg.steps; returns the log."""
+    optimizer = torch.optim.Adam(patch.parameters(), lr=cfg.lr)
     history = []
+    with torch.enable_grad():
+        for _ in tqdm(range(cfg.steps), desc="T-Patcher", disable=not cfg.progress):
+            optimizer.zero_grad()
+            loss, parts = losses()
+            history.append(parts)
+            if _done(parts, cfg):
+                break
+            loss.backward()
+            optimizer.step()
+    return history
+
+
+def reference_edit(model, tok, requests, cfg=Config()):
+    """T-Patcher in plain code (full forwards, no caches): the trained patch (not installed) and its loss log.
+
+    With `cfg.violators_mean=False` and `contrast=False` the objective is the paper's exactly (see Config).
+    """
+    requests = as_request_list(requests)
+    layer = resolve_layer(model, cfg.layer)
+    mlp = module_name(model, "mlp", layer)
+    batch = edit_batch(model, tok, requests)
+    q_all = _input_at(model, layer, batch).float()
+    q_edit = q_all[batch["answer_mask"]]                             # q_e: one query per target token
+    texts = cfg.memory or MEMORY_TEXT                                # D_M: unrelated inputs the patch must ignore
+    q_memory = memory_set(text_queries(model, tok, texts, layer), q_all, batch,
+                          contrast_queries(model, tok, requests, layer) if cfg.contrast else None)
+    patch = initial_patch(q_edit, q_memory, layer)
+
+    def losses():
+        with record(model, mlp, what="input") as q, \
+                patched_output(model, mlp, lambda out: out + patch(q[mlp]).to(out.dtype)):   # FFN_p = FFN + a_p·v_p
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+        l_e = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                                                ignore_index=-100)   # 5.10: the target's cross-entropy
+        return patch_losses(l_e, patch, q_edit, q_memory, cfg)
+    history = _optimise(patch, losses, cfg)
+    _finish(patch, next(model.parameters()).dtype)
+    return patch, history
+
+
+@torch.no_grad()
+def split_below(model, batch, layer):
+    """One full forward: the patched FFN's input q (B, S, d) and the outputs of the blocks below it, to replay."""
+    below = [module_name(model, "layer", j) for j in range(layer)]
+    mlp = module_name(model, "mlp", layer)
+    with record(model, below, whole=True) as fixed, record(model, mlp, what="input") as q:
+        model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return q[mlp].float(), dict(fixed)
+
+
+def answer_logits(model, batch, fixed):
+    """Logits at the answer positions only, computing the blocks from the patched one on (those below replay)."""
+    with replay(model, fixed):
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden[batch["answer_mask"]])
+
+
+def _fast_losses(model, batch, fixed, patch, q_edit, q_memory, cfg):
+    """patch_losses with l_e from answer_logits (the installed patch acts in the recomputed blocks)."""
+    logits = answer_logits(model, batch, fixed)
+    l_e = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][batch["answer_mask"]])
+    return patch_losses(l_e, patch, q_edit, q_memory, cfg)
+
+
+def _finish(patch, dtype):
+    """Freeze the trained patch in the model's dtype (its maths stay float32); refuse a non-finite one."""
+    for p in patch.parameters():
+        p.requires_grad_(False)
+    patch.to(dtype)
+    if not all(torch.isfinite(p).all() for p in patch.parameters()):
+        raise EditError("lr: the patch became non-finite; lower lr")
+
+
+def apply(model, tok, requests, cfg):
+    """Add one trained patch neuron per target token in `layer`'s FFN; returns restore (removes them) and info."""
+    layer = resolve_layer(model, cfg.layer)
+    batch = edit_batch(model, tok, requests)
+    q_all, fixed = split_below(model, batch, layer)
+    q_edit = q_all[batch["answer_mask"]]                             # (P, d): one query per target token
+    q_memory = memory_set(memory_queries(model, tok, layer, cfg.memory or MEMORY_TEXT), q_all, batch,
+                          contrast_queries(model, tok, requests, layer) if cfg.contrast else None)
+    patch = initial_patch(q_edit, q_memory, layer)
+    _install(model, patch)
     try:
-        with torch.enable_grad():
-            for _ in tqdm(range(steps), desc="T-Patcher", disable=not progress):
-                optimizer.zero_grad()
-                loss, parts = _losses(model, batch, patch, q_edit, q_memory, act_weight, memory_weight, beta, gamma)
-                history.append(parts)
-                if parts["edit"] < target_loss and parts["mem_over"] == 0 and parts["mem_margin"] == 0:
-                    break
-                loss.backward()
-                optimizer.step()
-        for p in patch.parameters():
-            p.requires_grad_(False)
-        patch.to(param.dtype)                                  # live in the model's dtype; maths stay float32
-        if not all(torch.isfinite(p).all() for p in patch.parameters()):
-            raise EditError("hparams: the patch became non-finite; lower lr")
+        history = _optimise(patch, lambda: _fast_losses(model, batch, fixed, patch, q_edit, q_memory, cfg), cfg)
+        _finish(patch, next(model.parameters()).dtype)
     except BaseException:
         _remove(model, patch)
         raise
     with torch.no_grad():
-        s_edit = patch.scores(q_edit).diagonal()
-        s_mem = patch.scores(q_memory)
+        s_edit, s_mem = patch.scores(q_edit).diagonal(), patch.scores(q_memory)
     info = {"layer": layer, "patch": patch, "n_patches": len(q_edit), "parameters_added": patch.n_parameters(),
             "steps": len(history), "losses": history, "edit_activation": torch.relu(s_edit).tolist(),
             "memory_fired": int((s_mem > 0).any(1).sum()), "memory_size": len(q_memory)}

@@ -47,7 +47,7 @@ def test_toc_order():
     assert files[:3] == ["book/intro", "book/how_to_use", "book/instructor"]
     n = len(CHAPTERS)
     assert files[3:3 + n] == [f"notebooks/{c}" for c in CHAPTERS]
-    assert files[3 + n:] == ["book/glossary", "book/references", "book/execution"]
+    assert files[3 + n:] == ["book/glossary", "book/references", "book/execution", "book/lab_notes"]
 
 
 @pytest.mark.parametrize("entry", toc_files())
@@ -149,6 +149,22 @@ def test_glossary_has_the_terms_and_valid_links():
     for target in set(re.findall(r"\]\(\.\./(notebooks/[^)]+)\)", text)):
         assert (ROOT / target).is_file(), f"glossary links to missing {target}"
 
+
+
+def test_glossary_links_to_the_chapter_that_teaches_the_term():
+    """Each term's chapter link goes to a chapter whose text names the term (in English or in Chinese)."""
+    text = (ROOT / "book" / "glossary.md").read_text(encoding="utf-8")
+    chapter_text = {p.name: " ".join("".join(c["source"]) for c in load(p)["cells"]).lower() for p in notebooks()}
+    wrong = []
+    for row in text.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) < 4 or "](../notebooks/" not in cells[3]:
+            continue
+        names = [t.strip().lower() for t in re.split(r"[/(),]", cells[0]) + cells[1].split("/") if t.strip()]
+        for nb in re.findall(r"notebooks/([\w.]+\.ipynb)", cells[3]):
+            if not any(name in chapter_text[nb] for name in names):
+                wrong.append(f"{cells[0]} -> {nb}")
+    assert not wrong, f"glossary terms linked to a chapter that never names them: {wrong}"
 
 # Loaders that need a data directory or the network; a chapter's default path must not call them directly
 # (it asks ke.course.facts, which serves the shipped course facts unless KEDIT_DATA / KEDIT_FULL_RUN say otherwise).

@@ -35,11 +35,11 @@ def _layers_option(layers):
 @dataclass(frozen=True)
 class Config:
     """FT's hyperparameters; the defaults are FT-L on one middle layer."""
-    layers: object = None           # int, list of ints, "all", or None: DEFAULT_LAYER, else a third of the depth
+    layers: int | list | str | None = None   # int, list of ints, "all", or None: DEFAULT_LAYER, else depth // 3
     params: str = "mlp_out"         # "mlp_out" (FT-L), "mlp" (the whole MLP) or "all" (the whole block)
     lr: float = 1e-3
     steps: int = 30
-    norm_constraint: float = 5e-3   # L∞ bound on each weight change; None: unconstrained FT
+    norm_constraint: float | None = 5e-3     # L∞ bound on each weight change; None: unconstrained FT
     target_loss: float = 1e-2       # stop early once the answer's loss is below this
     progress: bool = False
 

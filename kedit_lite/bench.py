@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_cases
-from .editing import METHODS, check_options, edit, get_method
-from .metrics import KINDS, evaluate, summarize
+from .editing import METHODS, check_options, get_method
+from .metrics import KINDS, evaluate, score_edit, summarize
 from .models import load_model, model_name, pick_device
 from .requests import EditError
 
@@ -40,12 +40,13 @@ def default_batch_size(method, n):
     return n if DEFAULT_BATCH.get(method) == "all" else int(DEFAULT_BATCH.get(method, 1))
 
 
-def _what_changes(model, result):
+def _what_changes(model, scored):
     """How an edit changed the model (chapter 1's map): weights moved, modules added, a prompt prepended."""
     sizes = {n: p.numel() for n, p in model.named_parameters()}
-    return {"changes_weights": bool(result.touched), "touched_tensors": len(result.touched),
-            "touched_parameters": sum(sizes[n] for n in result.touched),
-            "adds_modules": result._restore_extra is not None, "uses_context": bool(result.context)}
+    touched = scored.result.touched
+    return {"changes_weights": bool(touched), "touched_tensors": len(touched),
+            "touched_parameters": sum(sizes[n] for n in touched),
+            "adds_modules": scored.result.adds_modules, "uses_context": bool(scored.context)}
 
 
 def hparams_for(method, hparams):
@@ -76,18 +77,15 @@ def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams
     eval_seconds, n_queries, changes = 0.0, 0, None
     for i in tqdm(range(0, len(cases), batch_size), desc=method, leave=False):
         chunk = cases[i:i + batch_size]
-        result = edit(model, tok, [c.request for c in chunk] if batch_size > 1 else chunk[0].request,
-                      method=method, **hparams)
-        seconds.append(result.seconds)
-        memory.append(result.peak_memory_mb)
-        changes = changes or _what_changes(model, result)
-        for case, before in zip(chunk, befores[i:i + batch_size]):
-            # cost of asking the edited model: IKE pays it on every query (its context makes each prompt longer)
-            start = time.perf_counter()
-            afters.append(result.evaluate(model, tok, case, before=before, generation=generation))
-            eval_seconds += time.perf_counter() - start
-            n_queries += _prompts_scored(afters[-1])
-        result.undo()
+        # the chunk's requests go to one edit() call (MEMIT solves them jointly), then each case is scored
+        scored = score_edit(model, tok, chunk, method, befores[i:i + batch_size], generation, **hparams)
+        seconds.append(scored.seconds)
+        memory.append(scored.result.peak_memory_mb)
+        changes = changes or _what_changes(model, scored)
+        # cost of asking the edited model: IKE pays it on every query (its context makes each prompt longer)
+        eval_seconds += scored.eval_seconds
+        n_queries += sum(_prompts_scored(a) for a in scored.after)
+        afters += scored.after
     per_case = [dict({k: v for k, v in a.items() if k != "details"}, id=c.meta.get("id"))
                 for a, c in zip(afters, cases)]
     return {"method": method, "n": len(cases), "batch_size": batch_size, "n_edits": len(seconds),

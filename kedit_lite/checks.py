@@ -29,15 +29,17 @@ def _visible(ch):
 
 
 def _range_words(kind, low, high, open_low):
+    """'a positive number', 'an integer from 0 to 5', ...: the words an error uses for the allowed range."""
+    article = "an" if kind[0] in "aeiou" else "a"
     if low == 0 and high is None:
         return f"a {'positive' if open_low else 'non-negative'} {kind}"
     if low == 1 and high is None and kind == "integer":
         return "a positive integer"
     if low is not None and high is not None:
-        return f"a {kind} from {low} to {high}" if not open_low else f"a {kind} > {low} and <= {high}"
+        return f"{article} {kind} from {low} to {high}" if not open_low else f"{article} {kind} > {low} and <= {high}"
     if low is not None:
-        return f"a {kind} {'>' if open_low else '>='} {low}"
-    return f"a {kind} <= {high}" if high is not None else f"a {kind}"
+        return f"{article} {kind} {'>' if open_low else '>='} {low}"
+    return f"{article} {kind} <= {high}" if high is not None else f"{article} {kind}"
 
 
 def _fail(name, desc, value, hint):

@@ -144,6 +144,11 @@ class EditResult:
         _forget(self)
         return self
 
+    @property
+    def adds_modules(self):
+        """True when the edit added something beside the weights (T-Patcher's neurons), which undo() removes."""
+        return self._restore_extra is not None
+
     def saved_weights(self):
         """{name: the weight as it was before this edit} (the snapshot undo() restores; read-only copies)."""
         return {name: t.clone() for name, t in self._snapshot.items()}

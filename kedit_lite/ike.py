@@ -2,25 +2,19 @@
 
 Zheng et al. 2023, "Can We Edit Factual Knowledge by In-Context Learning?" (arXiv 2305.12740). The edited "model"
 is the unchanged model plus a context: k demonstrations retrieved from a pool of other edits by sentence-embedding
-similarity, then the new fact itself, in the paper's format
-
-    New Fact: The Louvre is located in the city of Rome
-    Prompt: The Louvre can be found in the city of Rome          <- one demonstration ("update")
-
-    New Fact: The Space Needle is located in the city of Taipei
-    Prompt: <the question goes here>
-
+similarity, then the new fact itself, in the paper's format ("New Fact: <fact>\nPrompt: <prompt> <answer>").
 Three kinds of demonstration teach three behaviours: copy (the prompt is the new fact itself), update (a paraphrase,
 answered with the new fact) and retain (an unrelated neighbour prompt, answered with its OLD answer: the new fact
 must not leak). The paper uses k=32 = 4 copy / 12 update / 16 retain; the default here is k=8 with the same
-proportions: every query re-reads the whole context, so on a CPU each demonstration costs time on every question.
-The context ends with "Prompt: ", so `context + question` is exactly what the model reads; `ke.evaluate(...,
-context=result.context)` scores it with the same metrics as weight edits.
-Several requests in one edit: their new facts are joined into one "New Fact:" line ("A. B").
+proportions, since every query re-reads the whole context. The context ends with "Prompt: ", so
+`context + question` is exactly what the model reads; `ke.evaluate(..., context=result.context)` scores it with
+the same metrics as weight edits. Several requests in one edit: their new facts are joined into one "New Fact:" line.
 """
 import random
 from dataclasses import dataclass
 
+from . import checks
+from .caches import Cache
 from .checks import context_window
 from .requests import EditError
 from .tokens import join
@@ -32,7 +26,7 @@ DEFAULT_RESERVE = 128  # tokens kept free after the context for the question and
 CONTEXT_MARGIN = 0  # edit() needs only the request to fit: fit_to_window checks the rest against reserve_tokens
 CHAT_SYSTEM = ("Complete the prompt. Use the new fact when the prompt is about it; otherwise answer from what "
                "you know.")
-_POOLS = {}  # name -> (records, embeddings): loaded and embedded once per process
+_POOLS = Cache("ike pools")  # (name, "records" | "embeddings"): loaded and embedded once per process
 
 
 @dataclass(frozen=True)
@@ -129,15 +123,8 @@ def demo_counts(k, mix="paper"):
     return counts
 
 
-def _check_hparams(k, mix, pool, chat, seed, reserve_tokens):
-    demo_counts(k, mix)
-    if not isinstance(chat, bool):
-        raise EditError(f"chat: expected True or False, got {chat!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise EditError(f"seed: expected an integer, got {seed!r}")
-    if isinstance(reserve_tokens, bool) or not isinstance(reserve_tokens, int) or reserve_tokens < 1:
-        raise EditError(f"reserve_tokens: expected a positive integer (tokens left for question + answer), "
-                        f"got {reserve_tokens!r}")
+def _check_pool(pool):
+    """None, a named pool, or a non-empty list of EditCase/PoolRecord (items are checked when it is read)."""
     if pool is not None and not isinstance(pool, (str, list, tuple)):
         raise EditError(f"pool: expected None, 'counterfact', 'course', 'lecture' or a list of EditCase/PoolRecord, "
                         f"got {type(pool).__name__}")
@@ -147,25 +134,35 @@ def _check_hparams(k, mix, pool, chat, seed, reserve_tokens):
         raise EditError("pool: empty list; pass some EditCase records, or None for the default pool")
 
 
-def touched_parameters(model, requests, k=DEFAULT_K, mix="paper", pool=None, chat=False, seed=0,
-                       reserve_tokens=DEFAULT_RESERVE):
-    """IKE changes no weight: validate the options and return []."""
-    _check_hparams(k, mix, pool, chat, seed, reserve_tokens)
+@dataclass(frozen=True)
+class Config:
+    """IKE's options: how many demonstrations, of which kinds, from which pool, and how the context is framed."""
+    k: int = DEFAULT_K                  # demonstrations retrieved (the paper: 32)
+    mix: object = "paper"               # 'paper', {'copy': w, 'update': w, 'retain': w} or a (copy, update, retain)
+    pool: object = None                 # None (CounterFact train, else the course facts), a name, or EditCases
+    chat: bool = False                  # wrap the context in the tokenizer's chat template
+    seed: int = 0                       # order in which demonstration kinds are assigned to neighbours
+    reserve_tokens: int = DEFAULT_RESERVE
+
+    def __post_init__(self):
+        demo_counts(self.k, self.mix)
+        checks.flag("chat", self.chat)
+        checks.integer("seed", self.seed, hint="any integer; it fixes which neighbour gets which kind")
+        checks.integer("reserve_tokens", self.reserve_tokens, 1, hint="tokens left for question + answer")
+        _check_pool(self.pool)
+
+
+def touched_parameters(model, requests, cfg):
+    """IKE changes no weight."""
     return []
 
 
 def _named_pool(name):
     """Records + embeddings of a named pool ('counterfact' / 'course': their train split; 'lecture'), cached."""
-    if name not in _POOLS:
-        from .data import load_cases
-        cases = load_cases(name, split="train")
-        records = [record_from_case(c) for c in cases]
-        _POOLS[name] = (records, None)
-    records, emb = _POOLS[name]
-    if emb is None:
-        from .retrieval import cached_embed
-        emb = cached_embed([r.fact for r in records])
-        _POOLS[name] = (records, emb)
+    from .data import load_cases
+    from .retrieval import cached_embed
+    records = _POOLS.get((name, "records"), lambda: [record_from_case(c) for c in load_cases(name, split="train")])
+    emb = _POOLS.get((name, "embeddings"), lambda: cached_embed([r.fact for r in records]))
     return name, records, emb
 
 
@@ -232,6 +229,34 @@ def build_context(tok, requests, demos, chat=False):
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "Prompt: "
 
 
+def reference_context(tok, requests, records, cfg):
+    """IKE's context the plain way (paper §3.2): embed, rank the pool by cosine similarity, label, format.
+
+    No cache, no top-k, no window fitting: the yardstick `apply` is tested equal to when everything fits.
+    """
+    from .retrieval import embed
+    facts = [r.prompt_text + join(r.prompt_text, r.target_new) for r in requests]
+    query, keys = embed(facts), embed([rec.fact for rec in records])     # unit vectors: dot product = cosine
+    own = {r.subject.lower() for r in requests} | {r.prompt_text.lower() for r in requests}
+    ranked = []
+    for i, rec in enumerate(records):
+        if rec.subject.lower() in own or rec.prompt.lower() in own:
+            continue                                                       # never the edit's own fact
+        ranked.append((max(float(q @ keys[i]) for q in query), i))        # close to any of the new facts
+    ranked.sort(key=lambda pair: -pair[0])
+    counts = demo_counts(cfg.k, cfg.mix)
+    slots = [kind for kind in KINDS for _ in range(counts[kind])]
+    random.Random(cfg.seed).shuffle(slots)                                 # kinds in random order, as in the paper
+    demos, used = [], set()
+    for kind in slots:
+        for _, i in ranked:
+            if i not in used and records[i].supports(kind):
+                used.add(i)
+                demos.append({"kind": kind, "record": records[i]})
+                break
+    return build_context(tok, requests, demos[::-1], cfg.chat)            # nearest last, next to the question
+
+
 def _drop_one(demos, counts):
     """Remove the least similar update/retain demo from the kind furthest above its share; copy demos go last."""
     left = {kind: sum(d["kind"] == kind for d in demos) for kind in KINDS}
@@ -261,15 +286,14 @@ def fit_to_window(model, tok, requests, demos, chat, reserve_tokens):
     return demos, budget, length
 
 
-def apply(model, tok, requests, k=DEFAULT_K, mix="paper", pool=None, chat=False, seed=0,
-          reserve_tokens=DEFAULT_RESERVE):
+def apply(model, tok, requests, cfg):
     """Build the IKE context for `requests`: retrieve demonstrations, fit them to the window, format them."""
-    _check_hparams(k, mix, pool, chat, seed, reserve_tokens)
-    name, records, embeddings = resolve_pool(pool) if k > 0 else ("none", [], None)
-    wanted = select_demos(requests, records, embeddings, k, mix, seed) if k > 0 else []
-    demos, budget, length = fit_to_window(model, tok, requests, wanted, chat, reserve_tokens)
-    context = build_context(tok, requests, demos, chat)
-    info = {"pool": name, "pool_size": len(records), "k": k, "chat": chat,
+    k = cfg.k
+    name, records, embeddings = resolve_pool(cfg.pool) if k > 0 else ("none", [], None)
+    wanted = select_demos(requests, records, embeddings, k, cfg.mix, cfg.seed) if k > 0 else []
+    demos, budget, length = fit_to_window(model, tok, requests, wanted, cfg.chat, cfg.reserve_tokens)
+    context = build_context(tok, requests, demos, cfg.chat)
+    info = {"pool": name, "pool_size": len(records), "k": k, "chat": cfg.chat,
             "counts": {kind: sum(d["kind"] == kind for d in demos) for kind in KINDS},
             "retrieved": len(wanted), "dropped": len(wanted) - len(demos), "context_tokens": length,
             "budget_tokens": budget,

@@ -9,11 +9,13 @@ Locality compares the edited model with the unedited one (`before=`), or with th
 """
 import dataclasses
 import re
+import time
 
 import torch
 
 from . import checks
 from .adapters import device_of
+from .editing import edit
 from .requests import EditCase, EditError, EditRequest, Probe
 from .tokens import answer_logprobs, encode_pairs
 
@@ -154,6 +156,40 @@ def evaluate(model, tok, case, before=None, context="", generation=True, max_new
             scores[kind]["prob_wins"] = sum(r["logprob"] > t["logprob"] for r, t in zip(rows, true)) / len(rows)
     scores["details"] = details
     return scores
+
+
+@dataclasses.dataclass
+class EditScore:
+    """score_edit's answer: scores before and after one edit, its costs, and the EditResult (already undone)."""
+    before: object          # evaluate() on the unedited model (a list of them when several cases were edited)
+    after: object           # evaluate() on the edited model, locality measured against `before`
+    seconds: float          # the edit itself (EditResult.seconds)
+    eval_seconds: float     # scoring the edited model (IKE pays its context here, on every query)
+    context: str            # the text the edit prepended to queries (IKE), else ''
+    result: object          # the EditResult, undone: the model is bit-identical to before
+
+
+def score_edit(model, tok, case, method="rome", before=None, generation=True, config=None, **hparams):
+    """Edit `case` with `method`, score the model before and after (chapter 2's metrics), then undo the edit.
+
+    `case` may be a list of cases: one edit of all their requests, each case scored (`before`/`after` are lists).
+    `before` (evaluate() of the unedited model, or a list of them) skips scoring the unedited model again.
+    """
+    several = isinstance(case, (list, tuple))
+    cases = [_as_case(c) for c in (case if several else [case])]
+    befores = list(before) if several and before is not None else [before] * len(cases)
+    befores = [b if b is not None else evaluate(model, tok, c, generation=generation) for c, b in zip(cases, befores)]
+    requests = [c.request for c in cases]
+    result = edit(model, tok, requests if several else requests[0], method=method, config=config, **hparams)
+    context = result.context
+    try:
+        start = time.perf_counter()
+        afters = [result.evaluate(model, tok, c, before=b, generation=generation) for c, b in zip(cases, befores)]
+        eval_seconds = time.perf_counter() - start
+    finally:
+        result.undo()
+    pick = (lambda rows: rows) if several else (lambda rows: rows[0])
+    return EditScore(pick(befores), pick(afters), result.seconds, eval_seconds, context, result)
 
 
 def summarize(all_scores):

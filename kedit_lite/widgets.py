@@ -8,7 +8,7 @@ import importlib.util
 import time
 
 from .editing import METHODS, edit
-from .metrics import KINDS, evaluate
+from .metrics import KINDS, evaluate, score_edit
 from .requests import EditCase, EditError, EditRequest, Probe
 
 PROBE_KINDS = ("paraphrase", "reverse", "portability", "locality")
@@ -77,12 +77,8 @@ def compare_methods(model, tok, case, methods=None, **hparams_by_method):
     before = evaluate(model, tok, case)
     rows = {"(before)": {**summary_row(before), "seconds": 0.0}}
     for method in methods or available_methods():
-        result = edit(model, tok, case.request, method=method, **hparams_by_method.get(method, {}))
-        try:
-            after = result.evaluate(model, tok, case, before=before)
-        finally:
-            result.undo()
-        rows[method] = {**summary_row(after), "seconds": round(result.seconds, 2)}
+        scored = score_edit(model, tok, case, method, before, **hparams_by_method.get(method, {}))
+        rows[method] = {**summary_row(scored.after), "seconds": round(scored.seconds, 2)}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 

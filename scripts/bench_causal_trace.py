@@ -51,7 +51,7 @@ def main():
     print(f"fast trace:      {t_fast:8.1f} s   (cpu {c_fast:.1f} s)   answer={fast.answer!r} low={fast.low:.4f} "
           f"high={fast.high:.4f}   load_avg={os.getloadavg()[0]:.1f}", flush=True)
     if not args.no_reference:
-        ref, t_ref, c_ref = timed(lambda: ct._reference_trace(model, tok, args.prompt, args.subject, **kw))
+        ref, t_ref, c_ref = timed(lambda: ct.reference_trace(model, tok, args.prompt, args.subject, **kw))
         diff = (fast.scores - ref.scores).abs().max().item()
         print(f"reference loop:  {t_ref:8.1f} s   (cpu {c_ref:.1f} s; {t_ref / ref.scores.numel():.2f} s per state)")
         print(f"speed-up:        {t_ref / t_fast:8.1f} x   (cpu {c_ref / c_fast:.1f} x)   max |fast - reference| = "

@@ -101,8 +101,8 @@ def test_nonfinite_edit_is_refused_and_restored(tiny_llama, tok, monkeypatch):
     real_apply = ft.apply
 
     @functools.wraps(real_apply)
-    def diverging_apply(model, tok, requests, **kwargs):
-        out = real_apply(model, tok, requests, **kwargs)
+    def diverging_apply(model, tok, requests, cfg):
+        out = real_apply(model, tok, requests, cfg)
         model.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
         return out
     monkeypatch.setattr(ft, "apply", diverging_apply)

@@ -22,7 +22,7 @@ def tiny_model(request):
 @pytest.mark.parametrize("kind", ct.KINDS)
 def test_fast_matches_reference_on_tiny_models(tiny_model, tok, kind):
     """Same grid as the plain loop; random tiny models give tiny probabilities, so compare relatively."""
-    ref = ct._reference_trace(tiny_model, tok, TINY_PROMPT, "Space Needle", kind, samples=3, window=2)
+    ref = ct.reference_trace(tiny_model, tok, TINY_PROMPT, "Space Needle", kind, samples=3, window=2)
     fast = ke.causal_trace(tiny_model, tok, TINY_PROMPT, subject="Space Needle", kind=kind, samples=3, window=2)
     assert fast.scores.shape == ref.scores.shape == (len(fast.tokens), 3)
     assert torch.allclose(fast.scores, ref.scores, rtol=1e-4, atol=1e-9)
@@ -35,7 +35,7 @@ def test_fast_matches_reference_on_tiny_models(tiny_model, tok, kind):
 @pytest.mark.parametrize("kind", ct.KINDS)
 def test_fast_matches_reference_on_every_family(tiny, tok, kind):
     """GPT-2, GPT-J, GPT-NeoX, Llama, Qwen2, Mistral: the cache reuse, growing rows and trimmed last MLP are exact."""
-    ref = ct._reference_trace(tiny, tok, TINY_PROMPT, "Space Needle", kind, samples=2, window=2)
+    ref = ct.reference_trace(tiny, tok, TINY_PROMPT, "Space Needle", kind, samples=2, window=2)
     fast = ke.causal_trace(tiny, tok, TINY_PROMPT, subject="Space Needle", kind=kind, samples=2, window=2)
     assert torch.allclose(fast.scores, ref.scores, rtol=1e-4, atol=1e-9)
     assert not any("forward" in vars(m) for m in tiny.modules())  # every temporary forward is removed
@@ -43,7 +43,7 @@ def test_fast_matches_reference_on_every_family(tiny, tok, kind):
 
 def test_hidden_restore_at_last_layer_before_last_token_is_low(tiny_model, tok):
     """Skipped without computing: the last block's output at t < T-1 never reaches the last position."""
-    ref = ct._reference_trace(tiny_model, tok, TINY_PROMPT, "Space Needle", "hidden", samples=2, tokens=[5, 6])
+    ref = ct.reference_trace(tiny_model, tok, TINY_PROMPT, "Space Needle", "hidden", samples=2, tokens=[5, 6])
     fast = ke.causal_trace(tiny_model, tok, TINY_PROMPT, subject="Space Needle", samples=2, tokens=[5, 6])
     assert fast.scores[5, -1].item() == fast.low and fast.scores[6, -1].item() == fast.low
     assert ref.scores[5:7, -1].tolist() == pytest.approx([ref.low] * 2, rel=1e-6)
@@ -56,7 +56,7 @@ def test_fast_matches_reference_on_smollm2(smol, kind):
     saved = snapshot(model)
     # The full grid for hidden states; for mlp/attn the two rows that matter (last subject token, last token).
     rows = None if kind == "hidden" else [3, 5]
-    ref = ct._reference_trace(model, tok, prompt, subject, kind, samples=2, window=6, tokens=rows)
+    ref = ct.reference_trace(model, tok, prompt, subject, kind, samples=2, window=6, tokens=rows)
     fast = ke.causal_trace(model, tok, prompt, subject=subject, kind=kind, samples=2, window=6, tokens=rows)
     assert fast.scores.shape == (6, 30) and fast.subject_range == (0, 4)  # The | E | iffel | Tower
     diff = (fast.scores - ref.scores).abs()
@@ -118,7 +118,7 @@ def test_window_one_mlp_equals_single_layer_restore(tiny_model, tok):
     """window=1 restores exactly one MLP: the grid is the reference's with that single patch."""
     fast = ke.causal_trace(tiny_model, tok, TINY_PROMPT, subject="Space Needle", kind="mlp", samples=2, window=1)
     wide = ke.causal_trace(tiny_model, tok, TINY_PROMPT, subject="Space Needle", kind="mlp", samples=2, window=3)
-    ref = ct._reference_trace(tiny_model, tok, TINY_PROMPT, "Space Needle", "mlp", samples=2, window=1)
+    ref = ct.reference_trace(tiny_model, tok, TINY_PROMPT, "Space Needle", "mlp", samples=2, window=1)
     assert torch.allclose(fast.scores, ref.scores, rtol=1e-4, atol=1e-9)
     assert not torch.allclose(fast.scores, wide.scores, rtol=1e-6, atol=0)
 
@@ -152,7 +152,7 @@ def test_bad_inputs_clear_errors(tok, kwargs, message):
 def test_embedding_std_cached_per_model(tok):
     model = make_tiny("llama")
     sigma = ct.embedding_std(model, tok)
-    assert sigma == ct.embedding_std(model, tok) and model in ct._SIGMA
+    assert sigma == ct.embedding_std(model, tok) and ct._SIGMA.peek("lecture subjects", owner=model) == sigma
     assert sigma == pytest.approx(0.02, rel=0.2)  # HF initialises embeddings with std 0.02
     assert ct.embedding_std(model, tok, ["Paris"]) != sigma
 

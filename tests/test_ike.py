@@ -5,6 +5,7 @@ import pytest
 
 import kedit_lite as ke
 from kedit_lite import ike, retrieval
+from kedit_lite.caches import Cache
 from kedit_lite.requests import EditCase, EditRequest, Probe
 from tests.conftest import assert_same_weights, make_tiny, snapshot
 
@@ -182,7 +183,7 @@ def test_default_pool_falls_back_to_the_course_facts_offline(tmp_path, monkeypat
     monkeypatch.setenv("KEDIT_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("KEDIT_OFFLINE", "1")
-    monkeypatch.setattr(ike, "_POOLS", {})           # nothing loaded earlier in this process
+    monkeypatch.setattr(ike, "_POOLS", Cache("test: empty ike pools"))           # nothing loaded earlier in this process
     name, records, emb = ike.resolve_pool(None)
     assert name == "course" and len(records) == len(ke.load_course_facts("train")) == emb.shape[0]
     assert all(r.paraphrase and r.neighbour and r.neighbour_answer for r in records)

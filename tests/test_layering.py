@@ -64,7 +64,6 @@ def test_no_private_names_cross_modules():
     assert not crossing, f"private names used across modules: {crossing}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25 in progress: chapter 2 reads res._snapshot")
 def test_notebooks_use_no_private_library_names():
     import json
     root = LIB.parent / "notebooks"
@@ -105,7 +104,7 @@ def test_no_block_repeated_across_the_library():
     assert not repeats, f"blocks of {REPEAT_LINES}+ lines repeated: {sorted(set(repeats))[:20]}"
 
 
-NOT_YET_ON_HOOKS_PY = {"keys_values.py", "stats.py", "tracing.py"}   # issue 25 in progress
+NOT_YET_ON_HOOKS_PY = {"keys_values.py", "stats.py"}   # issue 25 in progress
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="issue 25 in progress"))

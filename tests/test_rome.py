@@ -225,9 +225,9 @@ def _full_forward_logits(model, tok, batch, deltas, layer):
     """The plain way: every row whole, δ added at the subject's last token (the yardstick of the cached split)."""
     from kedit_lite.hooks import patch
     from kedit_lite.tokens import pad_right
-    ids, mask = pad_right(tok, batch["rows"])
-    rows, pos = torch.arange(len(batch["rows"])), torch.tensor(batch["subj_pos"])
-    owner = torch.tensor(batch["owner"])
+    ids, mask = pad_right(tok, batch.ids)
+    rows, pos = torch.arange(len(batch.ids)), torch.tensor(batch.subject_pos)
+    owner = torch.tensor(batch.fact_of)
 
     def add(x):
         x = x.clone()
@@ -235,8 +235,8 @@ def _full_forward_logits(model, tok, batch, deltas, layer):
         return x
     with patch(model, adapters.module_name(model, "mlp_out", layer), add):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    kl_pos = mask.sum(1)[batch["kl_rows"]] - 1
-    return logits[batch["tgt_row"], batch["tgt_pos"]], logits[batch["kl_rows"], kl_pos]
+    kl_pos = mask.sum(1)[batch.kl_rows] - 1
+    return logits[batch.target_row, batch.target_pos], logits[batch.kl_rows, kl_pos]
 
 
 def test_cached_prefix_logits_equal_full_forward(tiny, tok):
@@ -245,10 +245,10 @@ def test_cached_prefix_logits_equal_full_forward(tiny, tok):
     requests = [ke.EditRequest(**REQUEST), ke.EditRequest("{} was born in", "Barack Obama", "Paris")]
     prefixes = ["", "Therefore it rained", "I"]
     layer = 1
-    raw = keys_values._value_batch(tok, requests, prefixes, keys_values.ASSOCIATION_WORDINGS)
-    batch = keys_values._split_at_subject(model, tok, raw, layer, torch.device("cpu"))
+    raw = keys_values.value_rows(tok, requests, prefixes, keys_values.ASSOCIATION_WORDINGS)
+    batch = keys_values.split_at_subject(model, tok, raw, layer, torch.device("cpu"))
     deltas = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    tgt, kl = keys_values._logits_at(model, batch, deltas)
+    tgt, kl = keys_values.logits_with_delta(model, batch, deltas)
     ref_tgt, ref_kl = _full_forward_logits(model, tok, raw, deltas, layer)
     assert (tgt - ref_tgt).abs().max() < 1e-4
     assert (kl - ref_kl).abs().max() < 1e-4
@@ -259,22 +259,22 @@ def test_rows_grouped_by_suffix_length_give_the_same_logits_without_padding(tiny
     logit is the one the padded batch gives (compared as sorted log-probabilities of the answer tokens)."""
     model = tiny
     requests = [ke.EditRequest(**REQUEST), ke.EditRequest("{} was born in the city of", "Barack Obama", "Paris")]
-    raw = keys_values._value_batch(tok, requests, ["", "Therefore it rained", "I"], keys_values.ASSOCIATION_WORDINGS)
+    raw = keys_values.value_rows(tok, requests, ["", "Therefore it rained", "I"], keys_values.ASSOCIATION_WORDINGS)
     assert keys_values._by_suffix_length(raw) == [raw]    # few rows: one padded group in its own order (one edit)
     groups = keys_values._by_suffix_length(raw, min_tokens=1)
-    assert len(groups) > 1 and sum(len(g["rows"]) for g in groups) == len(raw["rows"])
-    assert sorted(t for g in groups for t in g["tgt_ids"]) == sorted(raw["tgt_ids"])
-    assert sum(len(g["kl_rows"]) for g in groups) == len(raw["kl_rows"])
+    assert len(groups) > 1 and sum(len(g.ids) for g in groups) == len(raw.ids)
+    assert sorted(t for g in groups for t in g.target_id) == sorted(raw.target_id)
+    assert sum(len(g.kl_rows) for g in groups) == len(raw.kl_rows)
     cpu = torch.device("cpu")
     deltas = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
 
     def answer_logprobs(batches):
         tgt, kl = [], []
         for b in batches:
-            split = keys_values._split_at_subject(model, tok, b, 1, cpu)
-            assert split["mask"][:, -split["ids"].shape[1]:].all() or len(batches) == 1   # no padding in a group
-            t, k = keys_values._logits_at(model, split, deltas)
-            tgt.append(t.log_softmax(-1).gather(1, split["tgt_ids"][:, None]).squeeze(1))
+            split = keys_values.split_at_subject(model, tok, b, 1, cpu)
+            assert split.mask[:, -split.ids.shape[1]:].all() or len(batches) == 1   # no padding in a group
+            t, k = keys_values.logits_with_delta(model, split, deltas)
+            tgt.append(t.log_softmax(-1).gather(1, split.target_id[:, None]).squeeze(1))
             kl.append(k.log_softmax(-1).max(-1).values)
         return torch.cat(tgt).sort().values, torch.cat(kl).sort().values
     (grouped_tgt, grouped_kl), (padded_tgt, padded_kl) = answer_logprobs(groups), answer_logprobs([raw])
@@ -286,15 +286,15 @@ def test_wordings_are_extra_rows_with_the_target_after_each(tok):
     """v*'s batch: the prompt after each prefix, then each relation-free wording bare, then the KL row."""
     req = ke.EditRequest(**REQUEST)
     wordings = ("{} is associated with", "{}:")
-    plain = keys_values._value_batch(tok, [req], ["", "I"])
-    raw = keys_values._value_batch(tok, [req], ["", "I"], wordings)
-    assert len(raw["rows"]) == len(plain["rows"]) + 2 and raw["rows"][:2] == plain["rows"][:2]
+    plain = keys_values.value_rows(tok, [req], ["", "I"])
+    raw = keys_values.value_rows(tok, [req], ["", "I"], wordings)
+    assert len(raw.ids) == len(plain.ids) + 2 and raw.ids[:2] == plain.ids[:2]
     target = tok(" Taipei", add_special_tokens=False).input_ids
-    for row, text in zip(raw["rows"][2:4], ["The Space Needle is associated with", "The Space Needle:"]):
+    for row, text in zip(raw.ids[2:4], ["The Space Needle is associated with", "The Space Needle:"]):
         assert row == tok(text, add_special_tokens=False).input_ids + target[:-1]   # teacher forcing
-    targets = [tid for r, tid in zip(raw["tgt_row"], raw["tgt_ids"]) if r in (2, 3)]
+    targets = [tid for r, tid in zip(raw.target_row, raw.target_id) if r in (2, 3)]
     assert tok.decode(targets) == " Taipei Taipei"
-    assert raw["kl_rows"] == [4] and tok.decode(raw["rows"][4]) == "The Space Needle is a"
+    assert raw.kl_rows == [4] and tok.decode(raw.ids[4]) == "The Space Needle is a"
 
 
 def test_wordings_carry_the_edit_to_an_unseen_wording(smol):
@@ -315,7 +315,7 @@ def test_prefixes_start_at_a_document_boundary(smol, tok):
     assert keys_values.document_start(tok) == [tok.get_vocab()["<|endoftext|>"]]
     prefixes = keys_values.context_prefixes(model, tok, n=4, length=5, seed=0)
     assert prefixes[0] == "" and len(prefixes) == 5
-    for start, prefix in zip(keys_values._PREFIX_STARTS, prefixes[1:]):
+    for start, prefix in zip(keys_values.PREFIX_STARTS, prefixes[1:]):
         # without the separator SmolLM2 glued hyphens onto the start word ("The-the-key-", "I-1012")
         assert prefix.startswith(start) and prefix[len(start)] != "-", prefixes
     assert keys_values.context_prefixes(model, tok, n=4, length=5, seed=0) is prefixes   # generated once

@@ -58,6 +58,7 @@ class ValueConfig:
     wordings: tuple = ()          # our option: relation-free sentences the target must follow too
 
     def __post_init__(self):
+        """Check every field; a bad one raises EditError naming it."""
         checks.integer("steps", self.steps, 1)
         checks.learning_rate(self.lr)
         checks.number("kl_factor", self.kl_factor, 0)
@@ -78,6 +79,7 @@ def context_prefixes(model, tok, n=4, length=5, seed=0):
 
 
 def _sample_prefixes(model, tok, n, length, seed):
+    """Sample the prefixes: `n` starts after a document boundary, top-5 sampling, a fixed seed."""
     device = next(model.parameters()).device
     lead = document_start(tok)
     starts = [lead + tok(PREFIX_STARTS[i % len(PREFIX_STARTS)], add_special_tokens=False).input_ids[:1]
@@ -194,9 +196,6 @@ class ValueRows:
         self.ids.append(ids + list(target[:-1]))
         self.subject_pos.append(subject_pos)
         self.fact_of.append(fact)
-
-    def target_fact(self):
-        return [self.fact_of[r] for r in self.target_row]
 
     def select(self, rows):
         """The given rows (and their targets), renumbered from 0."""
@@ -330,6 +329,7 @@ def _with_delta(batch, deltas):
     recorded = batch.below[edited]
 
     def edited_output():
+        """The recorded output plus δ at the subject."""
         hidden = first_tensor(recorded).clone()
         hidden[:, 0] += deltas[batch.fact_of].to(hidden.dtype)
         return replace_first_tensor(recorded, hidden)
@@ -386,6 +386,7 @@ class _Objective:
 
 
 def _objective(model, tok, requests, layer, prefixes, cfg):
+    """Build the batches and targets of v*'s loss for these requests (P_before comes with the first step)."""
     device = next(model.parameters()).device
     rows = value_rows(tok, requests, prefixes, cfg.wordings)
     groups = [split_at_subject(model, tok, g, layer, device) for g in _by_suffix_length(rows)]

@@ -31,6 +31,7 @@ IMPROVED = dict(wordings=WORDINGS, bare_key=True, ridge=0.1)
 
 
 def _check_layers(layers):
+    """`layers` as a tuple of distinct ints (None stays None); the range is checked against the model later."""
     if layers is None:
         return None
     layers = [layers] if checks.is_integer(layers) else layers
@@ -42,6 +43,7 @@ def _check_layers(layers):
 
 
 def _check_subjects(other_subjects, protect_subjects):
+    """other_subjects as a tuple of names, 'counterfact' or None (refused when protect_subjects needs some)."""
     names_ok = isinstance(other_subjects, (list, tuple)) and other_subjects and all(
         isinstance(s, str) and s.strip() for s in other_subjects)
     if not (other_subjects is None or other_subjects == "counterfact" or names_ok):
@@ -68,6 +70,7 @@ class Config(ValueConfig, StatsConfig):
     progress: bool = False
 
     def __post_init__(self):
+        """Check every field; a bad one raises EditError naming it."""
         ValueConfig.__post_init__(self)
         StatsConfig.__post_init__(self)
         object.__setattr__(self, "layers", _check_layers(self.layers))

@@ -41,6 +41,7 @@ class Config(ValueConfig, StatsConfig):
     progress: bool = False
 
     def __post_init__(self):
+        """Check every field; a bad one raises EditError naming it."""
         ValueConfig.__post_init__(self)
         StatsConfig.__post_init__(self)
         if not (self.layer is None or checks.is_integer(self.layer)):   # its range is checked against the model
@@ -130,6 +131,7 @@ def rank_one_update(W, C, k, v, k_num=None):
 
 
 def _bare_key(model, tok, req, layer):
+    """The key of the bare prompt (no prefix) at `layer`."""
     return compute_keys(model, tok, [req], [layer], [""])[layer][0]
 
 

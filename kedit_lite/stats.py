@@ -37,6 +37,7 @@ def _fingerprint(model):
 
 
 def _source_key(source):
+    """A short name of the statistics' source for the cache file name."""
     if isinstance(source, str):
         if source not in ("sample", "wikitext"):
             raise ValueError(f"source: expected 'sample', 'wikitext' or a list of strings, got {source!r}")
@@ -67,6 +68,7 @@ class _Accumulator:
         return on_forward(self.model, self.paths, self._add, what="input")
 
     def _add(self, path, keys):
+        """Add one forward's keys (real tokens only) to the sums."""
         keys = keys.detach().float()
         keys = keys[self.mask.bool()] if self.mask is not None else keys.reshape(-1, keys.shape[-1])
         self.sums[path] += keys.T @ keys
@@ -208,6 +210,7 @@ class StatsConfig:
     mom2_adjustment: bool = True            # False: no statistics (C = I in ROME, a scaled I in MEMIT)
 
     def __post_init__(self):
+        """Check every field; a bad one raises EditError naming it."""
         checks.integer("mom2_n_tokens", self.mom2_n_tokens, 1)
         check_source(self.mom2_source)
         checks.flag("mom2_adjustment", self.mom2_adjustment)

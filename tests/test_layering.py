@@ -106,7 +106,7 @@ def test_no_block_repeated_across_the_library():
     assert not repeats, f"blocks of {REPEAT_LINES}+ lines repeated: {sorted(set(repeats))[:20]}"
 
 
-NOT_YET_ON_HOOKS_PY = {"keys_values.py", "mend.py", "stats.py", "t_patcher.py", "tracing.py"}   # issue 25 in progress
+NOT_YET_ON_HOOKS_PY = {"mend.py", "t_patcher.py", "tracing.py"}   # issue 25 in progress
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="issue 25 in progress"))

@@ -22,7 +22,7 @@ def test_memit_batch_edits_several_facts(smol):
     targets = [r["target_new"] for r in BATCH]
     before = ke.metrics.teacher_forced(model, tok, prompts, targets)
     # our options (bare prompt's keys, a ridge for 2000 tokens of statistics): published MEMIT barely moves these
-    result = ke.edit(model, tok, BATCH, method="memit", layers=[3, 4, 5], **FAST, **memit.IMPROVED)
+    result = ke.edit(model, tok, BATCH, method="memit", layers=[3, 4, 5], **dict(FAST, **memit.IMPROVED))
     assert result.touched == [adapters.mlp_out_weight_name(model, layer) for layer in (3, 4, 5)]
     changed = [n for n in result.touched if not torch.equal(dict(model.named_parameters())[n], saved[n])]
     assert changed == result.touched                      # every layer of the range took part

@@ -416,3 +416,35 @@ def test_every_config_field_has_a_bad_value_here():
 def test_config_refuses_a_bad_value_naming_the_field(field, value):
     with pytest.raises(EditError, match=f"^{field}: "):
         rome.Config(**{field: value})
+
+
+def test_stop_after_ends_the_forward_and_leaves_no_hook():
+    """hooks.stop_after: the blocks above the named module never run, and every hook is gone afterwards."""
+    model, tok = make_tiny("llama"), _tok()
+    ids = torch.tensor([tok("The Space Needle", add_special_tokens=False).input_ids])
+    names = [adapters.module_name(model, "layer", j) for j in range(3)]
+    with ke.hooks.record(model, names) as seen, ke.hooks.stop_after(model, names[1]):
+        model(input_ids=ids)
+    assert set(seen) == set(names[:2])
+    modules = [adapters.get_module(model, n) for n in names]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    stats.second_moment(model, tok, 1, n_tokens=50, source=_texts()[:5], progress=False, use_cache=False)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_fact_that_reaches_stop_loss_keeps_its_delta_as_if_alone():
+    """Facts optimised together stop one by one, as the paper optimises each fact's δ on its own."""
+    model, tok = make_tiny("llama"), _tok()
+    reqs = [ke.EditRequest(**REQUEST), ke.EditRequest("{} was born in", "Barack Obama", "Paris")]
+    cfg = keys_values.ValueConfig(steps=8, lr=2.0, clamp_factor=1e4, weight_decay=0.0, kl_factor=0.0)
+    nll = [keys_values.compute_deltas(model, tok, [r], 1, [""], cfg)[1][0] for r in reqs]
+    # a threshold only one fact passes: it stops there, the other runs all the steps
+    low, high = sorted([min(nll[0]), min(nll[1])])
+    assert low < high - 1e-3
+    stop = (low + high) / 2
+    stop_cfg = keys_values.ValueConfig(**{**cfg.__dict__, "stop_loss": stop})
+    alone = [keys_values.compute_deltas(model, tok, [r], 1, [""], stop_cfg)[0][0] for r in reqs]
+    together = keys_values.compute_deltas(model, tok, reqs, 1, [""], stop_cfg)[0]
+    assert not torch.equal(alone[0], alone[1])
+    for a, t in zip(alone, together):
+        assert (a - t).norm() <= 1e-4 * a.norm() + 1e-6

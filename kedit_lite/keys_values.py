@@ -355,18 +355,21 @@ def _chunks(n, chunk, center):
     return list(zip(bounds, bounds[1:]))
 
 
-def compute_deltas(model, tok, requests, layer, prefixes, cfg=ValueConfig(), chunk=None, center=False):
+def compute_deltas(model, tok, requests, layer, prefixes, cfg=ValueConfig(), chunk=None, center=False,
+                   norm_of="mlp_out"):
     """δ per request (n, d_model) at the output of block `layer`, so v* = v_old + δ; plus per-chunk NLL histories.
 
     `chunk`: facts optimised together (None: CHUNK for the device). Their losses are independent (each δ sits in
     its own rows), and a fact whose NLL fell below stop_loss keeps its δ, as if optimised alone.
     `center` (MEMIT's center_deltas, chapter 5): after every step the δ of a chunk lose their mean.
+    `norm_of`: the output whose norm on the bare prompt the decay and the clamp are relative to, as in the
+    official code: "mlp_out" (ROME, the value v_old) or "layer" (MEMIT, the residual h^L).
     """
     device = next(model.parameters()).device
     chunk = chunk or CHUNK["cpu" if device.type == "cpu" else "accelerator"]
     deltas, history = [], []
     for start, stop in _chunks(len(requests), chunk, center):
-        d, h = _optimise_chunk(model, tok, requests[start:stop], layer, prefixes, cfg, center)
+        d, h = _optimise_chunk(model, tok, requests[start:stop], layer, prefixes, cfg, center, norm_of)
         deltas.append(d)
         history.append(h)
     return torch.cat(deltas), history
@@ -385,7 +388,7 @@ class _Objective:
     log_p_before: torch.Tensor = None
 
 
-def _objective(model, tok, requests, layer, prefixes, cfg):
+def _objective(model, tok, requests, layer, prefixes, cfg, norm_of="mlp_out"):
     """Build the batches and targets of v*'s loss for these requests (P_before comes with the first step)."""
     device = next(model.parameters()).device
     rows = value_rows(tok, requests, prefixes, cfg.wordings)
@@ -394,8 +397,8 @@ def _objective(model, tok, requests, layer, prefixes, cfg):
     target_fact = cat("target_fact")
     tokens = torch.zeros(len(requests), device=device).index_add_(0, target_fact, torch.ones_like(target_fact,
                                                                                                   dtype=torch.float))
-    # v_old, the value already stored at the subject (mean over prefixes): its norm scales the decay and the clamp
-    v_old = read_at_subject(model, tok, requests, prefixes, {"v": (module_name(model, "mlp_out", layer), "output")})
+    # ‖v_old‖ (ROME; MEMIT: ‖h^L‖) at the subject of the bare prompt scales the decay and the clamp
+    v_old = read_at_subject(model, tok, requests, [""], {"v": (module_name(model, norm_of, layer), "output")})
     return _Objective(groups, cat("target_id"), target_fact, cat("kl_fact"), tokens,
                       v_old["v"].norm(dim=-1).clamp_min(1e-6), v_old["v"].shape[-1])
 
@@ -416,9 +419,9 @@ def _value_loss(model, obj, deltas, cfg):
     return nll + cfg.kl_factor * kl + decay, nll
 
 
-def _optimise_chunk(model, tok, requests, layer, prefixes, cfg, center=False):
+def _optimise_chunk(model, tok, requests, layer, prefixes, cfg, center=False, norm_of="mlp_out"):
     """Adam on δ for a few requests at once; returns δ and the largest NLL of the chunk at each step."""
-    obj = _objective(model, tok, requests, layer, prefixes, cfg)
+    obj = _objective(model, tok, requests, layer, prefixes, cfg, norm_of)
     deltas = torch.zeros(len(requests), obj.d_model, device=obj.v_norm.device, requires_grad=True)
     optimizer = torch.optim.Adam([deltas], lr=cfg.lr)
     done = torch.zeros(len(requests), dtype=torch.bool, device=deltas.device)
@@ -488,11 +491,11 @@ def _target_nll(model, tok, request, prompts, layer, delta):
     return total / count
 
 
-def reference_value(model, tok, request, layer, prefixes, cfg):
+def reference_value(model, tok, request, layer, prefixes, cfg, norm_of="mlp_out"):
     """ROME eq. 4: δ minimising NLL(target | prefixed prompts) + kl_factor·KL(P_now ‖ P_before on '{s} is a')
     + weight decay, clamped to clamp_factor·‖v_old‖ after each Adam step. Returns δ and the NLL per step."""
-    v_old = torch.stack([read_one(model, tok, p, request.prompt_text, request.subject,
-                                   module_name(model, "mlp_out", layer), "output") for p in prefixes]).mean(0)
+    # ‖v_old‖ on the bare prompt (MEMIT: norm_of="layer", the residual h^L) scales the decay and the clamp
+    v_old = read_one(model, tok, "", request.prompt_text, request.subject, module_name(model, norm_of, layer))
     delta = torch.zeros_like(v_old, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     prompts = value_prompts(request, prefixes, cfg.wordings)

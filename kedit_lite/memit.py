@@ -59,6 +59,7 @@ def _check_subjects(other_subjects, protect_subjects):
 class Config(ValueConfig, StatsConfig):
     """MEMIT's hyperparameters: v*'s (ValueConfig), the statistics' (StatsConfig) and the batched update's."""
     layers: object = None              # an int or a list of ints; None: default_layers(model)
+    clamp_factor: float = 0.75         # ‖δ‖ ≤ 0.75 ‖h^L‖: MEMIT's published clamp is relative to the residual
     mom2_update_weight: float = 1500.0  # λ, how much the other keys (E[kkᵀ]) weigh against the new ones
     bare_key: bool = False             # our option: the bare prompt's keys as extra rows
     ridge: float = 0.0                 # our option: + ridge · mean eigenvalue · I in E[kkᵀ]
@@ -173,7 +174,7 @@ def apply(model, tok, requests, cfg):
     priors = _priors(model, tok, requests, layers, cfg)
     last = layers[-1]
     deltas, history = compute_deltas(model, tok, requests, last, prefixes, cfg, chunk=cfg.chunk,
-                                     center=cfg.center_deltas)
+                                     center=cfg.center_deltas, norm_of="layer")
     deltas = deltas - (1 - cfg.keep_shared) * deltas.mean(0, keepdim=True)   # our option: 1 leaves δ as it is
     z = _residual(model, tok, requests, last) + deltas                        # z_i = h_i^L + δ_i
     contexts = [prefixes] + ([[""]] if cfg.bare_key else [])      # key rows per fact: averaged (+ the bare prompt's)
@@ -207,7 +208,7 @@ def reference_edit(model, tok, requests, cfg=Config()):
                           progress=False) if cfg.mom2_adjustment else None
     last_block = module_name(model, "layer", layers[-1])
     h_last = lambda r: read_one(model, tok, "", r.prompt_text, r.subject, last_block)     # h_i^L
-    deltas = [reference_value(model, tok, r, layers[-1], prefixes, cfg)[0] for r in requests]
+    deltas = [reference_value(model, tok, r, layers[-1], prefixes, cfg, norm_of="layer")[0] for r in requests]
     z = [h_last(r) + d for r, d in zip(requests, deltas)]                # line 1-4: z_i = h_i^L + δ_i
     updates = {}
     for i, layer in enumerate(layers):

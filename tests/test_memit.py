@@ -6,7 +6,7 @@ import kedit_lite as ke
 from kedit_lite import adapters, keys_values, memit
 from kedit_lite.requests import EditError
 from tests.conftest import assert_same_weights, make_tiny, snapshot
-from tests.test_rome import FAST, REQUEST, _tok
+from tests.test_rome import FAST, REQUEST, TOLERANCE, _tok
 
 BATCH = [
     dict(prompt="{} is located in the city of", subject="The Space Needle", target_new="Taipei"),
@@ -158,9 +158,10 @@ def test_reference_memit_equals_fast_path(kind):
     ref = memit.reference_edit(model, tok, [ke.EditRequest(**r) for r in BATCH[:2]], memit.Config(**options))
     ref_updates = [(dict(model.named_parameters())[n] - saved[n]).float() for n in names]
     model.load_state_dict(saved)
-    assert (ref["deltas"] - fast.info["deltas"]).norm() <= 1e-3 * fast.info["deltas"].norm()
+    tolerance = TOLERANCE[kind]
+    assert (ref["deltas"] - fast.info["deltas"]).norm() <= tolerance * fast.info["deltas"].norm()
     for r, f in zip(ref_updates, fast_updates):
-        assert f.norm() > 0 and (r - f).norm() <= 1e-3 * f.norm()
+        assert f.norm() > 0 and (r - f).norm() <= tolerance * f.norm()
 
 
 def test_memit_defaults_are_the_published_algorithm():

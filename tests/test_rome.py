@@ -348,7 +348,12 @@ def test_solve_c_reuses_its_factor_only_while_c_is_unchanged():
 
 # The fast path and the reference differ only in how the same float32 sums are ordered (cached prefixes, padded
 # batches, replayed blocks: the logits agree to ~1e-6); Adam's normalised steps carry such differences through
-# 10 steps, so δ, v* and ΔW are compared at a relative 1e-3 and the keys (no optimisation) at 1e-5.
+# 10 steps, so δ, v* and ΔW are compared at a relative 1e-3 and the keys (no optimisation) at 1e-5. The random
+# GPT-2's logits are nearly uniform: many gradient components are near zero, where Adam's step (≈ lr · sign) turns
+# ~1e-7 differences into whole steps, so there the tolerance is 1e-2.
+TOLERANCE = {"llama": 1e-3, "gpt2": 1e-2}
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("consistent", [True, False])
 def test_reference_rome_equals_fast_path(kind, consistent):
@@ -366,8 +371,8 @@ def test_reference_rome_equals_fast_path(kind, consistent):
     assert len(ref["losses"]) == len(fast.info["losses"][0])
     assert torch.allclose(torch.tensor(ref["losses"]), torch.tensor(fast.info["losses"][0]), rtol=1e-4)
     v_fast = fast.info["v_star"][0]
-    assert (ref["v_star"] - v_fast).norm() <= 1e-3 * v_fast.norm()
-    assert ref["delta"].norm() > 0 and (ref_update - fast_update).norm() <= 1e-3 * fast_update.norm()
+    assert (ref["v_star"] - v_fast).norm() <= TOLERANCE[kind] * v_fast.norm()
+    assert ref["delta"].norm() > 0 and (ref_update - fast_update).norm() <= TOLERANCE[kind] * fast_update.norm()
 
 
 def test_kl_term_is_kl_of_the_edited_model_from_the_unedited(tok):

@@ -7,17 +7,22 @@ Results are cached per model + layer + source + token count as safetensors in th
 """
 import hashlib
 import re
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import embedding_matrix, layer_module, mlp_dims, module_name
-from .keys_values import run_until
+from . import checks
+from .adapters import embedding_matrix, mlp_dims, module_name
+from .caches import Cache
+from .forward import run_until
+from .hooks import on_forward
 from .models import cache_dir, model_name
+from .requests import EditError
 
 DEFAULT_N_TOKENS = 8_000    # ≈ 5 × d_k for SmolLM2 (d_k = 1536); FastMEMIT: ~10 × d_k keeps ≥ 95 % of quality; the
 #                             ridge in ROME's C (mom2_weight) makes up for fewer tokens; chapter 5 measures it
-_MEMORY = {}                # (cache key) -> E[kkᵀ] on the model's device
+_MEMORY = Cache("second moments")   # per model: (file, device) -> E[kkᵀ] on the model's device
 _STARTERS = ["The", "In", "A", "He", "She", "It", "This", "My", "When", "After", "According", "There", "Many",
              "Our", "John", "London", "Music", "Science", "On", "One", "Most", "We", "If", "During", "Some",
              "Paris", "Football", "Water", "History", "Today", "Its", "For"]
@@ -32,6 +37,7 @@ def _fingerprint(model):
 
 
 def _source_key(source):
+    """A short name of the statistics' source for the cache file name."""
     if isinstance(source, str):
         if source not in ("sample", "wikitext"):
             raise ValueError(f"source: expected 'sample', 'wikitext' or a list of strings, got {source!r}")
@@ -48,28 +54,26 @@ def cache_path(model, layer, n_tokens, source="sample"):
 
 
 class _Accumulator:
-    """Running Σ k kᵀ and count for several layers, fed by forward pre-hooks on mlp_out."""
+    """Running Σ k kᵀ and count for several layers, fed by `hooks.on_forward` on each mlp_out input."""
 
     def __init__(self, model, layers):
         d_k = mlp_dims(model)[1]
         device = next(model.parameters()).device
-        self.sums = {layer: torch.zeros(d_k, d_k, device=device, dtype=torch.float32) for layer in layers}
-        self.count, self.mask, self.handles, self.paths = 0, None, [], []
-        for layer in layers:
-            module = layer_module(model, "mlp_out", layer)
-            self.paths.append(module_name(model, "mlp_out", layer))
-            self.handles.append(module.register_forward_pre_hook(lambda m, i, layer=layer: self._add(layer, i[0])))
+        self.model, self.count, self.mask = model, 0, None
+        self.paths = [module_name(model, "mlp_out", layer) for layer in layers]
+        self.sums = {path: torch.zeros(d_k, d_k, device=device, dtype=torch.float32) for path in self.paths}
 
-    def _add(self, layer, keys):
+    def reading(self):
+        """The block within which every forward pass adds its keys."""
+        return on_forward(self.model, self.paths, self._add, what="input")
+
+    def _add(self, path, keys):
+        """Add one forward's keys (real tokens only) to the sums."""
         keys = keys.detach().float()
         keys = keys[self.mask.bool()] if self.mask is not None else keys.reshape(-1, keys.shape[-1])
-        self.sums[layer] += keys.T @ keys
-        if layer == next(iter(self.sums)):
+        self.sums[path] += keys.T @ keys
+        if path == self.paths[0]:
             self.count += keys.shape[0]
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -125,6 +129,43 @@ def _wikitext(n_tokens):
     return texts
 
 
+def _load(model, layer, n_tokens, source, device):
+    """E[kkᵀ] from this process or from the cache file, else None."""
+    path = cache_path(model, layer, n_tokens, source)
+    key = (str(path), str(device))
+    found = _MEMORY.peek(key, owner=model)
+    if found is None and path.exists():
+        from safetensors.torch import load_file
+        found = _MEMORY.put(key, load_file(str(path))["mom2"].to(device), owner=model)
+    return found
+
+
+def _save(model, layer, n_tokens, source, mom2, count):
+    """Write E[kkᵀ] to its cache file (atomically) and keep it in this process."""
+    from safetensors.torch import save_file
+    path = cache_path(model, layer, n_tokens, source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"mom2": mom2.cpu().contiguous(), "count": torch.tensor([count])}, str(tmp),
+              metadata={"model": model_name(model), "layer": str(layer), "n_tokens": str(count)})
+    tmp.replace(path)
+    _MEMORY.put((str(path), str(mom2.device)), mom2, owner=model)
+
+
+def _measure(model, tok, layers, n_tokens, source, batch_size, seq_len, seed, progress):
+    """{layer: E[kkᵀ]} from one pass over `source` (model-sampled text, wikitext or a list of texts), and the count."""
+    acc = _Accumulator(model, layers)
+    with acc.reading():
+        if source == "sample":
+            _sample_into(acc, model, tok, n_tokens, batch_size, seq_len, seed, progress)
+        else:
+            texts = _wikitext(n_tokens) if source == "wikitext" else source
+            _texts_into(acc, model, tok, texts, n_tokens, batch_size, seq_len, progress)
+    if acc.count == 0:
+        raise ValueError("source: no tokens were read; pass non-empty texts")
+    return {layer: acc.sums[path] / acc.count for layer, path in zip(layers, acc.paths)}, acc.count
+
+
 def second_moments(model, tok, layers, n_tokens=DEFAULT_N_TOKENS, source="sample", batch_size=32, seq_len=96,
                    seed=0, progress=True, use_cache=True):
     """{layer: E[k kᵀ]} (d_k × d_k, float32, on the model's device) from cache or one pass over `source`."""
@@ -132,40 +173,13 @@ def second_moments(model, tok, layers, n_tokens=DEFAULT_N_TOKENS, source="sample
         raise ValueError(f"n_tokens: expected a positive integer, got {n_tokens!r}")
     layers = [layers] if isinstance(layers, int) else list(layers)
     device = next(model.parameters()).device
-    out, missing = {}, []
-    for layer in layers:
-        path = cache_path(model, layer, n_tokens, source)
-        key = (str(path), str(device))
-        if use_cache and key in _MEMORY:
-            out[layer] = _MEMORY[key]
-        elif use_cache and path.exists():
-            from safetensors.torch import load_file
-            out[layer] = _MEMORY[key] = load_file(str(path))["mom2"].to(device)
-        else:
-            missing.append(layer)
+    out = {layer: _load(model, layer, n_tokens, source, device) for layer in layers} if use_cache else {}
+    missing = [layer for layer in layers if out.get(layer) is None]
     if missing:
-        acc = _Accumulator(model, missing)
-        try:
-            if source == "sample":
-                _sample_into(acc, model, tok, n_tokens, batch_size, seq_len, seed, progress)
-            else:
-                texts = _wikitext(n_tokens) if source == "wikitext" else source
-                _texts_into(acc, model, tok, texts, n_tokens, batch_size, seq_len, progress)
-        finally:
-            acc.close()
-        if acc.count == 0:
-            raise ValueError("source: no tokens were read; pass non-empty texts")
-        from safetensors.torch import save_file
-        for layer in missing:
-            mom2 = acc.sums[layer] / acc.count
-            path = cache_path(model, layer, n_tokens, source)
+        measured, count = _measure(model, tok, missing, n_tokens, source, batch_size, seq_len, seed, progress)
+        for layer, mom2 in measured.items():
             if use_cache:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                save_file({"mom2": mom2.cpu().contiguous(), "count": torch.tensor([acc.count])}, str(tmp),
-                          metadata={"model": model_name(model), "layer": str(layer), "n_tokens": str(acc.count)})
-                tmp.replace(path)
-                _MEMORY[(str(path), str(device))] = mom2
+                _save(model, layer, n_tokens, source, mom2, count)
             out[layer] = mom2
     return out
 
@@ -178,3 +192,25 @@ def second_moment(model, tok, layer, **kwargs):
 def clear_memory_cache():
     """Forget the in-memory copies (the files stay)."""
     _MEMORY.clear()
+
+
+def check_source(source, name="mom2_source"):
+    """'sample', 'wikitext' or a non-empty list of non-empty texts."""
+    texts_ok = isinstance(source, (list, tuple)) and source and all(isinstance(t, str) and t.strip() for t in source)
+    if not (source in ("sample", "wikitext") or texts_ok):
+        raise EditError(f"{name}: expected 'sample', 'wikitext' or a list of non-empty texts, got {source!r}")
+    return source
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Where the "other keys" statistics E[kkᵀ] come from; ROME's and MEMIT's configs include these fields."""
+    mom2_n_tokens: int = DEFAULT_N_TOKENS   # tokens of text read for E[kkᵀ]
+    mom2_source: object = "sample"          # 'sample' (model-written text), 'wikitext' or a list of texts
+    mom2_adjustment: bool = True            # False: no statistics (C = I in ROME, a scaled I in MEMIT)
+
+    def __post_init__(self):
+        """Check every field; a bad one raises EditError naming it."""
+        checks.integer("mom2_n_tokens", self.mom2_n_tokens, 1)
+        check_source(self.mom2_source)
+        checks.flag("mom2_adjustment", self.mom2_adjustment)

@@ -104,11 +104,9 @@ def test_no_block_repeated_across_the_library():
     assert not repeats, f"blocks of {REPEAT_LINES}+ lines repeated: {sorted(set(repeats))[:20]}"
 
 
-NOT_YET_ON_HOOKS_PY = {"keys_values.py", "stats.py"}   # issue 25 in progress
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="issue 25 in progress"))
-                                  if p.name in NOT_YET_ON_HOOKS_PY else p for p in MODULES], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
 def test_hooks_are_registered_only_through_hooks_py(path):
     if path.name == "hooks.py":
         return

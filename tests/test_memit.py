@@ -6,7 +6,7 @@ import kedit_lite as ke
 from kedit_lite import adapters, keys_values, memit
 from kedit_lite.requests import EditError
 from tests.conftest import assert_same_weights, make_tiny, snapshot
-from tests.test_rome import FAST, REQUEST, _tok
+from tests.test_rome import FAST, REQUEST, TOLERANCE, _tok
 
 BATCH = [
     dict(prompt="{} is located in the city of", subject="The Space Needle", target_new="Taipei"),
@@ -21,7 +21,8 @@ def test_memit_batch_edits_several_facts(smol):
     prompts = [ke.EditRequest(**r).prompt_text for r in BATCH]
     targets = [r["target_new"] for r in BATCH]
     before = ke.metrics.teacher_forced(model, tok, prompts, targets)
-    result = ke.edit(model, tok, BATCH, method="memit", layers=[3, 4, 5], **FAST)
+    # our options (bare prompt's keys, a ridge for 2000 tokens of statistics): published MEMIT barely moves these
+    result = ke.edit(model, tok, BATCH, method="memit", layers=[3, 4, 5], **dict(FAST, **memit.IMPROVED))
     assert result.touched == [adapters.mlp_out_weight_name(model, layer) for layer in (3, 4, 5)]
     changed = [n for n in result.touched if not torch.equal(dict(model.named_parameters())[n], saved[n])]
     assert changed == result.touched                      # every layer of the range took part
@@ -141,3 +142,48 @@ def test_memit_bad_hparams(hparams, message):
     with pytest.raises(EditError, match=message):
         ke.edit(model, _tok(), [REQUEST], method="memit", **hparams)
     assert_same_weights(model, saved)
+
+
+# Same tolerance as ROME's reference test (tests/test_rome.py): float32 sums in another order, through Adam.
+# The fast path optimises the facts' δ together; each stops at stop_loss on its own, as the reference's do.
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_reference_memit_equals_fast_path(kind):
+    model, tok = make_tiny(kind), _tok()
+    saved = snapshot(model)
+    options = dict(FAST, layers=[0, 1])
+    fast = ke.edit(model, tok, BATCH[:2], method="memit", **options)
+    names = [adapters.mlp_out_weight_name(model, layer) for layer in (0, 1)]
+    fast_updates = [(dict(model.named_parameters())[n] - saved[n]).float() for n in names]
+    fast.undo()
+    ref = memit.reference_edit(model, tok, [ke.EditRequest(**r) for r in BATCH[:2]], memit.Config(**options))
+    ref_updates = [(dict(model.named_parameters())[n] - saved[n]).float() for n in names]
+    model.load_state_dict(saved)
+    tolerance = TOLERANCE[kind]
+    assert (ref["deltas"] - fast.info["deltas"]).norm() <= tolerance * fast.info["deltas"].norm()
+    for r, f in zip(ref_updates, fast_updates):
+        assert f.norm() > 0 and (r - f).norm() <= tolerance * f.norm()
+
+
+def test_memit_defaults_are_the_published_algorithm():
+    cfg = memit.Config()
+    assert (cfg.wordings, cfg.bare_key, cfg.ridge, cfg.keep_shared, cfg.center_deltas, cfg.protect_subjects) == \
+        ((), False, 0.0, 1.0, False, 0.0)
+    assert memit.Config.improved().bare_key is True and memit.Config.improved().wordings == memit.WORDINGS
+
+
+MEMIT_BAD = {"layers": [], "mom2_update_weight": 0.0, "bare_key": "no", "ridge": -1.0, "keep_shared": 2.0,
+             "center_deltas": 0, "protect_subjects": -1.0, "other_subjects": "Paris", "chunk": 0, "progress": 1,
+             "steps": 0, "lr": -1.0, "kl_factor": -1.0, "weight_decay": -1.0, "clamp_factor": 0.0,
+             "n_prefixes": 1.5, "prefix_len": 0, "stop_loss": -1.0, "wordings": "{}", "mom2_n_tokens": 0,
+             "mom2_source": 3, "mom2_adjustment": None}
+
+
+def test_every_memit_config_field_has_a_bad_value_here():
+    import dataclasses
+    assert set(MEMIT_BAD) == {f.name for f in dataclasses.fields(memit.Config)}
+
+
+@pytest.mark.parametrize("field,value", sorted(MEMIT_BAD.items()))
+def test_memit_config_refuses_a_bad_value_naming_the_field(field, value):
+    with pytest.raises(EditError, match=f"^{field}: "):
+        memit.Config(**{field: value})

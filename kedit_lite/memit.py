@@ -27,7 +27,7 @@ N_LAYERS = 5  # MEMIT edits 5 (GPT-J) to 6 (GPT-2 XL) consecutive layers around 
 WORDINGS = ASSOCIATION_WORDINGS[:3]   # ROME's first three wordings: all five cost time for little gain
 # The last layer of the range, where measured (SmolLM2: layers 3-7, around the causal-tracing peak).
 DEFAULT_LAST_LAYER = {"SmolLM2-135M-Instruct": 7}
-IMPROVED = dict(wordings=WORDINGS, bare_key=True, ridge=0.1, n_prefixes=2)   # what we use (tuning_history.md)
+IMPROVED = dict(wordings=WORDINGS, bare_key=True, ridge=0.1, n_prefixes=2)   # what we use (book/lab_notes.md)
 
 
 def _check_layers(layers):

@@ -57,7 +57,7 @@ class Config(ValueConfig, StatsConfig):
 
 
 # Our configuration: the two options, and the v* settings tuned with them on CounterFact train (a faster Adam,
-# one sampled prefix, an earlier stop; book/results/tuning_history.md).
+# one sampled prefix, an earlier stop; book/lab_notes.md).
 IMPROVED = dict(wordings=ASSOCIATION_WORDINGS, bare_key=True, lr=1.0, n_prefixes=1, stop_loss=0.1)
 
 

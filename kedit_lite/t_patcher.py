@@ -9,7 +9,7 @@ cannot change while the patch trains, so they are computed once and each step ru
 For decoder-only models (the original code covers BERT/BART): one neuron per target token, a ReLU key on every
 architecture (an input below threshold adds exactly nothing), the last block by default; the memory set D_M is
 built-in unrelated text plus the edit prompt's other positions and (`contrast=True`) its template with other
-subjects. Patches live in a forward hook (base weights untouched, undo removes it). Why: book/results/tuning_history.md.
+subjects. Patches live in a forward hook (base weights untouched, undo removes it). Why: book/lab_notes.md.
 """
 import weakref
 from dataclasses import dataclass

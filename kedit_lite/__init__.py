@@ -3,7 +3,7 @@ from .adapters import ADAPTERS, describe, get_adapter, layer_module, num_layers
 from .caches import clear_caches
 from .data import course_fact, lecture_case, load_cases, load_counterfact, load_course_facts, load_lecture, load_zsre
 from .editing import METHODS, EditResult, edit
-from .metrics import evaluate, generate, summarize
+from .metrics import evaluate, generate, score_edit, summarize
 from .models import DEFAULT_MODEL, load_model, pick_device
 from .requests import EditCase, EditError, EditRequest, Probe
 
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 __all__ = ["ADAPTERS", "clear_caches", "course_fact", "DEFAULT_MODEL", "describe", "edit", "EditCase", "EditError", "EditRequest",
            "EditResult", "evaluate", "generate", "get_adapter", "layer_module", "lecture_case", "load_cases",
            "load_counterfact", "load_course_facts", "load_lecture", "load_model", "load_zsre", "METHODS",
-           "num_layers", "pick_device", "Probe", "summarize"]
+           "num_layers", "pick_device", "Probe", "score_edit", "summarize"]
 
 from . import course  # noqa: E402
 

@@ -2,6 +2,7 @@
 
     python -m kedit_lite.bench --method ft --data counterfact --split val --n 20 [--json out.json] [--markdown]
     python -m kedit_lite.bench --all --data counterfact --split val --n 50 --json book/results/counterfact_val.json
+    python -m kedit_lite.bench --method rome --method rome+ours --n 50   # the paper's ROME beside our options
 
 Every method in kedit_lite.METHODS plugs in through `ke.edit`; chapter 9 (09_method_comparison) reads the JSON
 that `--all --json` writes and compares the methods on reliability, generalization, locality and efficiency.
@@ -49,9 +50,29 @@ def _what_changes(model, scored):
             "adds_modules": scored.result.adds_modules, "uses_context": bool(scored.context)}
 
 
+OURS = "+ours"   # "rome+ours": the method with the options the course adds to the paper's (its module's IMPROVED)
+
+
+def variants():
+    """Method names with our options: "<method>+ours" for each method whose module defines IMPROVED."""
+    return [m + OURS for m in METHODS if hasattr(get_method(m), "IMPROVED")]
+
+
+def method_and_options(spec, hparams=None):
+    """("rome", {our options, then hparams}) for "rome+ours"; (spec, hparams) for a plain method name."""
+    hparams = dict(hparams or {})
+    if spec.endswith(OURS):
+        base = spec[:-len(OURS)]
+        improved = getattr(get_method(base), "IMPROVED", None)
+        if improved is None:
+            raise EditError(f"method: {base!r} has no options of ours; drop {OURS!r}")
+        return base, {**improved, **hparams}
+    return spec, hparams
+
+
 def hparams_for(method, hparams):
     """Options for one method: {"steps": 10} applies to every method, {"ft": {"steps": 10}} only to FT."""
-    if hparams and all(k in METHODS for k in hparams):
+    if hparams and all(k in METHODS or k.endswith(OURS) for k in hparams):
         return dict(hparams.get(method) or {})
     return dict(hparams or {})
 
@@ -68,7 +89,8 @@ def score_before(model, tok, cases, generation=True):
 
 def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams=None, befores=None):
     """Edit `cases` with `method`, `batch_size` requests per edit; return per-case scores and per-edit costs."""
-    hparams = hparams or {}
+    label = method
+    method, hparams = method_and_options(method, hparams)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise EditError(f"batch_size: expected a positive integer, got {batch_size!r}")
     start_all = time.perf_counter()
@@ -88,7 +110,7 @@ def run_method(model, tok, cases, method, batch_size=1, generation=True, hparams
         afters += scored.after
     per_case = [dict({k: v for k, v in a.items() if k != "details"}, id=c.meta.get("id"))
                 for a, c in zip(afters, cases)]
-    return {"method": method, "n": len(cases), "batch_size": batch_size, "n_edits": len(seconds),
+    return {"method": label, "options": hparams, "n": len(cases), "batch_size": batch_size, "n_edits": len(seconds),
             "how": (get_method(method).apply.__doc__ or "").strip().splitlines()[0], **changes,
             "before": summarize(befores), "after": summarize(afters),
             "median_seconds_per_edit": statistics.median(seconds), "seconds_per_request": sum(seconds) / len(cases),
@@ -192,8 +214,10 @@ def machine_info(model):
 
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m kedit_lite.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--method", action="append", help=f"one of {sorted(METHODS)}; repeatable")
-    parser.add_argument("--all", action="store_true", help="every method available in this version")
+    parser.add_argument("--method", action="append",
+                        help=f"one of {sorted(METHODS)}, or e.g. rome{OURS} (with the course's options); repeatable")
+    parser.add_argument("--all", action="store_true", help=f"every method available in this version, and each{OURS}")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--data", default="counterfact", choices=["counterfact", "course", "zsre", "lecture"])
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--n", type=int, default=20, help="number of edit cases")
@@ -212,9 +236,9 @@ def _parser():
 def _methods(parser, args):
     """The methods to run: --all (skipping unavailable ones with a note) or each --method (errors are fatal)."""
     available = []
-    for m in (list(METHODS) if args.all else (args.method or ["ft"])):
+    for m in (list(METHODS) + variants() if args.all else (args.method or ["ft"])):
         try:
-            get_method(m)
+            method_and_options(m)
             available.append(m)
         except EditError as err:
             if not args.all:
@@ -229,6 +253,8 @@ def _parse(argv):
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n: expected a positive number of cases, got {args.n}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: expected a positive integer, got {args.threads}")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
     try:
@@ -241,7 +267,7 @@ def _parse(argv):
     refused = []
     for method in args.methods:
         try:
-            check_options(method, hparams_for(method, args.hparams))
+            check_options(*method_and_options(method, hparams_for(method, args.hparams)))
         except EditError as err:
             refused.append(str(err))
     # --all tolerates options only some methods take (the others fail and are reported); none taking them is a typo
@@ -263,6 +289,7 @@ def _meta(args, command, started, model, results, failed):
             "seed": args.seed, "generation": not args.no_generation, "batch_size": args.batch_size,
             "default_batch": DEFAULT_BATCH, "hparams": args.hparams, "methods": [r["method"] for r in results],
             "failed": failed, **machine_info(model),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "wall_seconds": (datetime.now(timezone.utc) - started).total_seconds()}
 
 
@@ -271,13 +298,15 @@ def main(argv=None):
     args = _parse(argv)
     command = "python -m kedit_lite.bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     started = datetime.now(timezone.utc)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = load_model(args.model, device=args.device)
     cases = load_cases(args.data, split=args.split, n=args.n, seed=args.seed)
     results, failed = [], {}
     befores = score_before(model, tok, cases, not args.no_generation)  # once: every method starts from this model
     for method in args.methods:
-        batch = args.batch_size or default_batch_size(method, len(cases))
+        batch = args.batch_size or default_batch_size(method_and_options(method)[0], len(cases))
         try:
             results.append(run_method(model, tok, cases, method, batch, not args.no_generation,
                                       hparams_for(method, args.hparams), befores))

@@ -10,7 +10,6 @@ live edit changed some of the same weights, since restoring the snapshot would s
 Edits on other weights, IKE contexts and T-Patcher patches undo in any order.
 """
 import importlib
-import inspect
 import itertools
 import threading
 import time
@@ -48,14 +47,7 @@ def get_method(name):
 
 def method_config(method, config=None, **hparams):
     """The method's frozen config: its defaults, then `config` (a Config of that method), then `hparams`."""
-    module = get_method(method)
-    if hasattr(module, "Config"):
-        return checks.config(module.Config, hparams, method, base=config)
-    allowed = [p for p in inspect.signature(module.apply).parameters if p not in ("model", "tok", "requests")]
-    unknown = sorted(set(hparams) - set(allowed))
-    if unknown:
-        raise EditError(f"hparams: unknown option(s) {unknown} for method {method!r}; its options are {allowed}")
-    return dict(hparams)
+    return checks.config(get_method(method).Config, hparams, method, base=config)
 
 
 def check_options(method, hparams):
@@ -66,12 +58,7 @@ def check_options(method, hparams):
 def touched_parameters(model, requests, method="rome", config=None, **hparams):
     """The names of the weights `edit(model, tok, requests, method, **hparams)` would change (chapter 1)."""
     module, cfg = get_method(method), method_config(method, config, **hparams)
-    return _call(module.touched_parameters, model, as_request_list(requests), cfg=cfg)
-
-
-def _call(fn, *args, cfg):
-    """Call a method function with its config (Config methods) or its keyword options (plain methods)."""
-    return fn(*args, **cfg) if isinstance(cfg, dict) else fn(*args, cfg)
+    return module.touched_parameters(model, as_request_list(requests), cfg)
 
 
 class _PeakMemory:
@@ -249,14 +236,14 @@ def edit(model, tok, requests, method="rome", config=None, **hparams):
     checks.no_conflicts(reqs)
     checks.fits_context(model, tok, reqs, getattr(module, "CONTEXT_MARGIN", checks.CONTEXT_MARGIN))
     if hasattr(module, "check_requests"):
-        _call(module.check_requests, model, tok, reqs, cfg=cfg)
-    names = _call(module.touched_parameters, model, reqs, cfg=cfg)
+        module.check_requests(model, tok, reqs, cfg)
+    names = module.touched_parameters(model, reqs, cfg)
     snapshot = _snapshot(model, names)
     device = next(model.parameters()).device
     try:
         with _grads_kept(model), _PeakMemory(device) as mem:
             start = time.perf_counter()
-            out = _call(module.apply, model, tok, reqs, cfg=cfg) or {}
+            out = module.apply(model, tok, reqs, cfg) or {}
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start

@@ -86,11 +86,22 @@ def test_default_batch_and_hparams():
     (["--hparams", "{oops"], "--hparams: not valid JSON"),
     (["--hparams", "[1]"], "--hparams: expected a JSON object"),
     (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["--threads", "0"], "--threads: expected a positive integer"),
+    (["--method", "ft+ours"], "'ft' has no options of ours"),
 ])
 def test_bad_arguments_error_clearly(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_ours_is_the_paper_method_with_the_modules_improved_options():
+    from kedit_lite import memit, rome
+    assert bench.method_and_options("rome+ours") == ("rome", rome.IMPROVED)
+    assert bench.method_and_options("memit+ours", {"layers": [3]}) == ("memit", {**memit.IMPROVED, "layers": [3]})
+    assert bench.method_and_options("rome", {"lr": 0.1}) == ("rome", {"lr": 0.1})   # the paper's, untouched
+    assert set(bench.variants()) == {"rome+ours", "memit+ours"}
+    assert bench.hparams_for("rome+ours", {"rome+ours": {"steps": 3}, "rome": {}}) == {"steps": 3}
 
 
 def test_committed_results_cover_every_method():

@@ -101,3 +101,14 @@ def probe_frame(scores, kinds=None):
                          "generated": (r["generated"] or "").strip(), "token_acc": round(r["token_acc"], 3),
                          "gen": r["gen"]})
     return pd.DataFrame(rows)
+
+
+def show_code(*functions):
+    """Show library functions' source in a chapter (the reference implementations beside their derivation)."""
+    import inspect
+    text = "\n\n".join(inspect.getsource(f).rstrip() for f in functions)
+    try:
+        from IPython.display import Markdown, display
+        display(Markdown(f"```python\n{text}\n```"))
+    except ImportError:
+        print(text)

@@ -281,3 +281,18 @@ def test_chapter_has_the_textbook_arc(path):
     summary = next(i for i, h in enumerate(headings) if "## Summary" in h)
     exercises = next(i for i, h in enumerate(headings) if "## Exercises" in h)
     assert summary <= exercises
+
+
+SHOWN_REFERENCE = {"01_what_is_model_editing": ["ft.reference_edit"], "03_ike": ["ike.reference_context"],
+                   "04_causal_tracing": ["reference_trace"], "05_rome_memit": ["rome.reference_edit"],
+                   "06_mend": ["mend.reference_edit"], "07_t_patcher": ["t_patcher.reference_edit"]}
+
+
+@pytest.mark.parametrize("chapter", sorted(SHOWN_REFERENCE))
+def test_method_chapter_shows_its_reference_implementation(chapter):
+    """The chapter prints the library's plain reference code for its method (the issue: read beside the chapter)."""
+    code = [("".join(c["source"])) for c in load(ROOT / "notebooks" / f"{chapter}.ipynb")["cells"]
+            if c["cell_type"] == "code"]
+    for name in SHOWN_REFERENCE[chapter]:
+        assert any(name in src and ("show_code(" in src or "getsource(" in src) for src in code), \
+            f"{chapter} does not show {name}"

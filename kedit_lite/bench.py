@@ -230,6 +230,9 @@ def _parser():
     parser.add_argument("--no-generation", action="store_true", help="skip greedy-generation scores (faster)")
     parser.add_argument("--json", default=None, help="write the results (with machine info) to this path")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    parser.add_argument("--update", default=None, metavar="JSON",
+                        help="rerun only these methods on the cases of an existing results JSON and replace their "
+                             "rows there (the file's meta.reruns records the command)")
     return parser
 
 
@@ -264,6 +267,8 @@ def _parse(argv):
     if not isinstance(args.hparams, dict):
         parser.error(f"--hparams: expected a JSON object like '{{\"steps\": 10}}', got {json.dumps(args.hparams)}")
     args.methods = _methods(parser, args)
+    if args.update:
+        _check_update(parser, args)
     refused = []
     for method in args.methods:
         try:
@@ -278,6 +283,40 @@ def _parse(argv):
     except ValueError as err:
         parser.error(f"--{err}")
     return args
+
+
+# What must match between a rerun and the file it updates, so every row of the file scores the same cases.
+SAME_CASES = ("data", "split", "n", "seed", "generation")
+
+
+def _check_update(parser, args):
+    """--update: the file exists and was run on the same cases as these arguments ask for."""
+    path = Path(args.update)
+    if not path.exists():
+        parser.error(f"--update: {path} does not exist; write it first with --json {path}")
+    old = json.loads(path.read_text(encoding="utf-8"))["meta"]
+    asked = {"data": args.data, "split": None if args.data == "lecture" else args.split, "n": args.n,
+             "seed": args.seed, "generation": not args.no_generation}
+    for key in SAME_CASES:
+        if old.get(key) != asked[key]:
+            parser.error(f"--update: {path} has {key}={old.get(key)!r} but this run asks for {asked[key]!r}; "
+                         f"pass the same --data/--split/--n/--seed/--no-generation as its command: {old['command']}")
+
+
+def merged_results(old, new_meta, results):
+    """`old` (a results JSON) with the rows of `results` replaced or added, and the rerun recorded in meta.reruns."""
+    rows = {r["method"]: r for r in old["results"]}
+    rows.update({r["method"]: r for r in results})
+    meta = dict(old["meta"])
+    reruns = meta.pop("reruns", [])
+    if "rerun" in meta:                      # the single record of earlier files
+        reruns = [meta.pop("rerun")] + reruns
+    keep = ("command", "date", "git_commit", "library_modified", "torch_threads", "load_average", "wall_seconds")
+    reruns.append({"methods": [r["method"] for r in results], **{k: new_meta.get(k) for k in keep}})
+    order = list(meta["methods"]) + [m for m in rows if m not in meta["methods"]]
+    failed = {m: why for m, why in meta.get("failed", {}).items() if m not in new_meta["methods"]}
+    meta.update(methods=order, reruns=reruns, failed={**failed, **new_meta["failed"]})
+    return {"meta": meta, "results": [rows[m] for m in order if m in rows]}
 
 
 def _meta(args, command, started, model, results, failed):
@@ -321,10 +360,13 @@ def main(argv=None):
     print(f"model={meta['model']} data={args.data}{'/' + args.split if meta['split'] else ''} n={len(cases)} "
           f"device={meta['device']} torch={meta['torch']} threads={meta['torch_threads']}")
     print(format_table(results, markdown=args.markdown))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1, ensure_ascii=False)
+    data = {"meta": meta, "results": results}
+    if args.update:
+        data = merged_results(json.loads(Path(args.update).read_text(encoding="utf-8")), meta, results)
+    for path in {p for p in (args.json, args.update) if p}:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
             f.write("\n")
     return results
 

@@ -5,11 +5,11 @@ the value W k. ROME picks k* (eq. 3) and a better value v* (eq. 4, keys_values),
     min ‖Ŵ K − W K‖  subject to  Ŵ k* = v*   (K: all other keys; C = K Kᵀ/n their second moment)
 in closed form (eq. 2):   Ŵ = W + Λ (C⁻¹k*)ᵀ,   Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*).
 
-`Config()` is ROME as published (only the layer adapted to the model), except `consistent_keys=True`: r-ROME's
-fix (Gupta et al. 2024) of a bug in the original code, which used the bare prompt's key in W k and in the
-denominator; with the averaged k* everywhere Ŵ k* = v* holds exactly (`consistent_keys=False` is the original).
-Our options, off by default and together in `IMPROVED`: `wordings` (relation-free sentences, so the edit carries
-over to paraphrases) and `bare_key` (the bare prompt's key as a second constraint, still rank one).
+`Config()` is ROME as its authors' code runs it (and EasyEdit), only the layer adapted to the model: the update
+uses the bare prompt's key in W k and in the denominator, so Ŵ k_bare = v* but Ŵ k* ≠ v*. `consistent_keys=True`
+is r-ROME's fix (Gupta et al. 2024): the averaged k* everywhere, as eq. 2 writes it. Our options, off by default
+and together with r-ROME's fix in `IMPROVED`: `wordings` (relation-free sentences, so the edit carries over to
+paraphrases) and `bare_key` (the bare prompt's key as a second constraint on top of k*, still rank one).
 `reference_edit` is the algorithm as plain, slow code; the fast `apply` is tested equal to it.
 """
 from dataclasses import dataclass
@@ -36,8 +36,8 @@ class Config(ValueConfig, StatsConfig):
     """ROME's hyperparameters: v*'s (ValueConfig), the statistics' (StatsConfig) and the update's."""
     layer: int | None = None      # None: default_layer(model)
     mom2_weight: float = 10.0     # C = mom2_weight · E[kkᵀ]/mean eigenvalue + I (a ridge for few tokens)
-    consistent_keys: bool = True  # r-ROME's fix (see the module docstring); False: the original code
-    bare_key: bool = False        # our option: the bare prompt's key gets the same δ
+    consistent_keys: bool = False  # True: r-ROME's fix (see the module docstring); False: the original code
+    bare_key: bool = False         # our option (with consistent_keys): the bare prompt's key gets the same δ too
     progress: bool = False
 
     def __post_init__(self):
@@ -49,16 +49,20 @@ class Config(ValueConfig, StatsConfig):
         checks.number("mom2_weight", self.mom2_weight, 0)
         for name in ("consistent_keys", "bare_key", "progress"):
             checks.flag(name, getattr(self, name))
+        if self.bare_key and not self.consistent_keys:
+            raise EditError("bare_key: needs consistent_keys=True (the original keys already constrain the bare "
+                            "prompt's key alone); pass both, as rome.IMPROVED does")
 
     @classmethod
     def improved(cls, **options):
-        """Our configuration (IMPROVED): ROME plus the relation-free wordings and the bare prompt's key."""
+        """Our configuration (IMPROVED): r-ROME's keys plus the relation-free wordings and the bare prompt's key."""
         return cls(**{**IMPROVED, **options})
 
 
-# Our configuration: the two options, and the v* settings tuned with them on CounterFact train (a faster Adam,
-# one sampled prefix, an earlier stop; book/lab_notes.md).
-IMPROVED = dict(wordings=ASSOCIATION_WORDINGS, bare_key=True, lr=1.0, n_prefixes=1, stop_loss=0.1)
+# Our configuration: r-ROME's consistent keys, our two options, and the v* settings tuned with them on
+# CounterFact train (a faster Adam, one sampled prefix, an earlier stop; book/lab_notes.md).
+IMPROVED = dict(consistent_keys=True, wordings=ASSOCIATION_WORDINGS, bare_key=True, lr=1.0, n_prefixes=1,
+                stop_loss=0.1)
 
 
 def default_layer(model):
@@ -145,7 +149,7 @@ def _edit_one(model, tok, req, layer, W, C, prefixes, cfg):
     delta, history = compute_deltas(model, tok, [req], layer, prefixes, cfg)
     v_star = W @ k_num + delta[0]                   # v* = v_old + δ (the bias, if any, cancels out)
     update = rank_one_update(W, C, k_star, v_star, k_num)  # C⁻¹k* always uses the averaged key
-    if cfg.bare_key and cfg.consistent_keys:  # (the original ROME had no such constraint: keep its update)
+    if cfg.bare_key:   # (Config makes sure the keys are r-ROME's consistent ones)
         k_bare = _bare_key(model, tok, req, layer)
         if _c_cosine(C, k_star, k_bare) < 0.99:  # a key of its own: give it the same δ
             K = torch.stack([k_star, k_bare], 1)
@@ -159,8 +163,8 @@ def apply(model, tok, requests, cfg):
     W = as_out_in(model, get_module(model, mlp_out_weight_name(model, layer)))   # a view (Conv1D too)
     C = covariance(model, tok, layer, cfg)
     prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_len)
-    info = {"layer": layer, "prefixes": prefixes, "losses": [], "delta_norm": [], "update_norm": [], "k_star": [],
-            "v_star": []}
+    info = {"layer": layer, "prefixes": prefixes, "losses": [], "delta": [], "delta_norm": [], "update_norm": [],
+            "k_star": [], "v_star": []}
     for req in tqdm(requests, desc="ROME", disable=not cfg.progress or len(requests) == 1):
         k_star, v_star, delta, losses, update = _edit_one(model, tok, req, layer, W.detach().float(), C, prefixes,
                                                           cfg)
@@ -169,6 +173,7 @@ def apply(model, tok, requests, cfg):
         info["k_star"].append(k_star)
         info["v_star"].append(v_star)
         info["losses"].append(losses)
+        info["delta"].append(delta)
         info["delta_norm"].append(delta.norm().item())
         info["update_norm"].append(update.norm().item())
     return {"info": info}

@@ -8,8 +8,9 @@ one more neuron, FFN_p(q) = FFN(q) + a_p·v_p with a_p = ReLU(q·k_p + b_p), tra
 cannot change while the patch trains, so they are computed once and each step runs only the patched block onwards.
 For decoder-only models (the original code covers BERT/BART): one neuron per target token, a ReLU key on every
 architecture (an input below threshold adds exactly nothing), the last block by default; the memory set D_M is
-built-in unrelated text plus the edit prompt's other positions and (`contrast=True`) its template with other
-subjects. Patches live in a forward hook (base weights untouched, undo removes it). Why: book/lab_notes.md.
+built-in unrelated text plus the edit prompt's other positions. Our options, off by default and together in
+`IMPROVED`: `contrast` (D_M also holds the edit's template with other subjects) and `violators_mean` (each hinge
+averaged over its violators). Patches live in a forward hook (base weights untouched, undo removes it).
 """
 import weakref
 from dataclasses import dataclass
@@ -91,8 +92,8 @@ class Config:
     gamma: float = 3.0             # γ: margin by which the edit query beats every memory query
     target_loss: float = 0.02      # stop once l_e is below this and both memory hinges are zero
     memory: tuple | None = None    # unrelated texts for D_M; None: MEMORY_TEXT
-    contrast: bool = True          # ours: D_M also holds the edit's template filled with CONTRAST_SUBJECTS
-    violators_mean: bool = True    # ours: average each hinge over its violators, not over all of D_M (the paper)
+    contrast: bool = False         # ours: D_M also holds the edit's template filled with CONTRAST_SUBJECTS
+    violators_mean: bool = False   # ours: average each hinge over its violators (False: over all of D_M, the paper)
     progress: bool = False         # show a progress bar
 
     def __post_init__(self):
@@ -111,6 +112,15 @@ class Config:
             object.__setattr__(self, "memory", tuple(self.memory))
         for name in ("contrast", "violators_mean", "progress"):
             checks.flag(name, getattr(self, name))
+
+    @classmethod
+    def improved(cls, **options):
+        """Our configuration (IMPROVED): the paper's patch with the contrast memory and the violators' mean."""
+        return cls(**{**IMPROVED, **options})
+
+
+# Our configuration: the template-contrast memory keeps the patch off for the edit's neighbours (chapter 7).
+IMPROVED = dict(contrast=True, violators_mean=True)
 
 
 class PatchNeurons(torch.nn.Module):

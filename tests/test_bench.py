@@ -100,7 +100,7 @@ def test_ours_is_the_paper_method_with_the_modules_improved_options():
     assert bench.method_and_options("rome+ours") == ("rome", rome.IMPROVED)
     assert bench.method_and_options("memit+ours", {"layers": [3]}) == ("memit", {**memit.IMPROVED, "layers": [3]})
     assert bench.method_and_options("rome", {"lr": 0.1}) == ("rome", {"lr": 0.1})   # the paper's, untouched
-    assert set(bench.variants()) == {"rome+ours", "memit+ours"}
+    assert set(bench.variants()) == {"rome+ours", "memit+ours", "t-patcher+ours"}
     assert bench.hparams_for("rome+ours", {"rome+ours": {"steps": 3}, "rome": {}}) == {"steps": 3}
 
 
@@ -170,3 +170,30 @@ def test_bench_runs_offline_on_the_course_facts(tmp_path, monkeypatch):
     data = json.loads(out.read_text(encoding="utf-8"))
     check_layout(data)
     assert data["meta"]["data"] == "course" and data["meta"]["n"] == 2
+
+
+def test_update_replaces_only_the_rerun_rows_and_records_the_rerun(tiny_run, tmp_path):
+    _, data, _ = tiny_run
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    ike_before = data["results"][1]
+    bench.main(["--method", "ft", "--data", "lecture", "--n", "2", "--no-generation",
+                "--hparams", '{"steps": 2}', "--update", str(path)])
+    new = json.loads(path.read_text(encoding="utf-8"))
+    check_layout(new)
+    assert new["meta"]["methods"] == ["ft", "ike"] and new["results"][1] == ike_before
+    assert new["results"][0]["seconds_per_edit"] != data["results"][0]["seconds_per_edit"]
+    (rerun,) = new["meta"]["reruns"]
+    assert rerun["methods"] == ["ft"] and "--update" in rerun["command"]
+    assert new["meta"]["command"] == data["meta"]["command"]
+
+
+def test_update_refuses_a_file_of_other_cases(tiny_run, tmp_path, capsys):
+    _, data, _ = tiny_run
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(SystemExit):
+        bench.main(["--method", "ft", "--data", "lecture", "--n", "3", "--no-generation", "--update", str(path)])
+    err = capsys.readouterr().err
+    assert "--update" in err and "has n=2" in err
+    assert json.loads(path.read_text(encoding="utf-8")) == data

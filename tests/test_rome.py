@@ -60,8 +60,10 @@ def test_rome_writes_v_star_on_real_layer_and_undo_is_exact(smol):
     assert result.touched == [adapters.mlp_out_weight_name(model, layer)]
     W = adapters.as_out_in(model, adapters.layer_module(model, "mlp_out", layer).weight).float()
     k_star, v_star = result.info["k_star"][0], result.info["v_star"][0]
-    assert (W @ k_star - v_star).norm() / v_star.norm() < 1e-4
-    # k* as read again from the edited model (the layers below are untouched) maps to v*
+    # the original code's constraint: the bare prompt's key, read from the edited model (the layers below are
+    # untouched), maps to v*; k* (read again) is the key the update direction C⁻¹k* was built from
+    k_bare = keys_values.compute_keys(model, tok, result.requests, [layer], [""])[layer][0]
+    assert (W @ k_bare - v_star).norm() / v_star.norm() < 1e-4
     again = keys_values.compute_keys(model, tok, result.requests, [layer], result.info["prefixes"])[layer][0]
     assert torch.allclose(again, k_star, atol=1e-5)
     after = ke.metrics.teacher_forced(model, tok, [prompt], ["Taipei"])[0]
@@ -76,7 +78,8 @@ def test_gpt2_conv1d_orientation():
     saved = snapshot(model)
     name = "transformer.h.1.mlp.c_proj.weight"
     # a random model's MLP outputs are tiny, so ROME's clamp (4 × ‖v_old‖) and decay are lifted here
-    result = ke.edit(model, tok, REQUEST, method="rome", layer=1,
+    # (r-ROME's consistent keys: then Ŵk* = v* exactly, which is what this orientation check reads back)
+    result = ke.edit(model, tok, REQUEST, method="rome", layer=1, consistent_keys=True,
                      **dict(FAST, steps=30, clamp_factor=1e4, weight_decay=0.0, kl_factor=0.0))
     assert result.touched == [name]
     weight = dict(model.named_parameters())[name]
@@ -142,7 +145,7 @@ def test_bare_key_writes_the_bare_prompts_value_too():
     saved = snapshot(model)
     name = adapters.mlp_out_weight_name(model, 1)
     k_bare = keys_values.compute_keys(model, tok, [ke.EditRequest(**REQUEST)], [1], [""])[1][0]
-    result = ke.edit(model, tok, REQUEST, method="rome", layer=1, bare_key=True, **FAST)
+    result = ke.edit(model, tok, REQUEST, method="rome", layer=1, bare_key=True, consistent_keys=True, **FAST)
     W0, W = saved[name].float(), adapters.as_out_in(model, adapters.layer_module(model, "mlp_out", 1).weight).float()
     k, v = result.info["k_star"][0], result.info["v_star"][0]
     delta = v - W0 @ k                                   # the optimised δ (consistent keys: v* = W k* + δ)
@@ -394,13 +397,15 @@ def test_kl_term_is_kl_of_the_edited_model_from_the_unedited(tok):
 
 
 def test_defaults_are_rome_as_published():
-    """Config() is the paper's ROME (r-ROME's key fix aside); our options are off and collected in IMPROVED."""
+    """Config() is ROME as its code runs it; r-ROME's key fix and our options are off and collected in IMPROVED."""
     cfg = rome.Config()
     assert (cfg.lr, cfg.steps, cfg.kl_factor, cfg.weight_decay, cfg.clamp_factor, cfg.stop_loss) == \
         (0.5, 20, 0.0625, 0.5, 4.0, 0.05)
-    assert cfg.wordings == () and cfg.bare_key is False and cfg.consistent_keys is True and 2 <= cfg.n_prefixes <= 5
+    assert cfg.wordings == () and cfg.bare_key is False and cfg.consistent_keys is False and 2 <= cfg.n_prefixes <= 5
     better = rome.Config.improved()
-    assert better.wordings == keys_values.ASSOCIATION_WORDINGS and better.bare_key is True
+    assert better.wordings == keys_values.ASSOCIATION_WORDINGS and better.bare_key is True and better.consistent_keys
+    with pytest.raises(ke.EditError, match="bare_key: needs consistent_keys=True"):
+        rome.Config(bare_key=True)
     assert ke.editing.method_config("rome", **rome.IMPROVED) == better
     with pytest.raises(Exception):
         cfg.lr = 1.0                                   # frozen

@@ -97,7 +97,7 @@ def test_contrast_queries_fill_the_template_with_other_subjects(tok):
     q = t_patcher.contrast_queries(model, tok, [req], layer=1)
     texts = [req.template.replace("{}", s) for s in t_patcher.CONTRAST_SUBJECTS]
     assert q.shape == (sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts), 32)
-    res = ke.edit(model, tok, req, method="t-patcher", steps=5)
+    res = ke.edit(model, tok, req, method="t-patcher", steps=5, contrast=True)
     with_contrast = res.info["memory_size"]
     res.undo()
     res = ke.edit(model, tok, req, method="t-patcher", steps=5, contrast=False)
@@ -109,11 +109,15 @@ def test_smol_patch_fires_on_edit_not_on_memory(smol):
     model, tok = smol
     case = ke.lecture_case("space-needle-taipei")
     saved, before = snapshot(model), ke.evaluate(model, tok, case)
-    res = ke.edit(model, tok, case.request, method="t-patcher")
-    patch = res.info["patch"]
+    ours = ke.edit(model, tok, case.request, method="t-patcher", **t_patcher.IMPROVED)
     q_mem = t_patcher.memory_queries(model, tok)
-    assert patch.scores(q_mem).max().item() <= -1.0 + 1e-3        # below beta on every memory query
-    assert min(res.info["edit_activation"]) > 1.0 and res.info["memory_fired"] == 0
+    assert ours.info["patch"].scores(q_mem).max().item() <= -1.0 + 1e-3   # ours: below beta on every memory query
+    assert ours.info["memory_fired"] == 0
+    ours.undo()
+    res = ke.edit(model, tok, case.request, method="t-patcher")     # the paper's memory loss
+    patch = res.info["patch"]
+    assert min(res.info["edit_activation"]) > 1.0
+    assert res.info["memory_fired"] <= 0.01 * res.info["memory_size"]    # (a few of its memory queries may fire)
     act = t_patcher.activations(model, tok, [case.request.prompt_text, "The capital of Spain is"], patch)
     assert act[0].max() > 1.0 and act[1].max() == 0.0             # the switch: on for the edit, off elsewhere
     after = res.evaluate(model, tok, case, before=before)

@@ -24,7 +24,7 @@ from .requests import EditError, as_request_list
 
 # method name -> module; each module is one algorithm, readable beside its chapter.
 METHODS = {"ft": "kedit_lite.ft", "ike": "kedit_lite.ike", "rome": "kedit_lite.rome", "memit": "kedit_lite.memit",
-           "mend": "kedit_lite.mend", "t-patcher": "kedit_lite.t_patcher"}
+           "mend": "kedit_lite.mend", "t-patcher": "kedit_lite.t_patcher", "grace": "kedit_lite.grace"}
 
 
 def get_method(name):

@@ -1,4 +1,4 @@
-"""FT, IKE and debias Configs (every field's bad value named), FT's reference equal to the fast path, the shared
+"""FT, IKE, debias and GRACE Configs (every field's bad value named), FT's reference equal to the fast path, the shared
 clamped Adam, the one edit -> score -> undo loop (metrics.score_edit), tokens.chat and the library's caches."""
 import copy
 import dataclasses
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kedit_lite as ke
-from kedit_lite import caches, checks, debias, ft, ike, optimise, retrieval, tokens, tracing  # noqa: F401
+from kedit_lite import caches, checks, debias, ft, grace, ike, optimise, retrieval, tokens, tracing  # noqa: F401
 from kedit_lite.metrics import EditScore, score_edit
 from kedit_lite.requests import EditError
 from tests.conftest import assert_same_weights, make_tiny, snapshot
@@ -36,6 +36,12 @@ BAD_VALUES = [
     (debias.Config, "steps", 0), (debias.Config, "steps", True), (debias.Config, "lr", math.inf),
     (debias.Config, "lr", True), (debias.Config, "kl_weight", -1.0), (debias.Config, "kl_weight", "1"),
     (debias.Config, "norm_constraint", 0), (debias.Config, "norm_constraint", None),
+    (grace.Config, "layer", 1.5), (grace.Config, "layer", "2"), (grace.Config, "eps_init", 0),
+    (grace.Config, "eps_init", math.nan), (grace.Config, "eps_init", True), (grace.Config, "steps", 0),
+    (grace.Config, "steps", 2.0), (grace.Config, "lr", math.inf), (grace.Config, "lr", 100.0),
+    (grace.Config, "replacement", "all"), (grace.Config, "replacement", None), (grace.Config, "value_init", "hot"),
+    (grace.Config, "seed", -1), (grace.Config, "seed", 1.5), (grace.Config, "radius_margin", -1e-3),
+    (grace.Config, "radius_margin", "0"), (grace.Config, "progress", 1),
 ]
 
 
@@ -47,7 +53,8 @@ def test_every_bad_config_value_is_an_edit_error_naming_the_field(config_class, 
     assert type(err.value) is EditError
 
 
-@pytest.mark.parametrize("config_class", [ft.Config, ike.Config, debias.Config], ids=lambda c: c.__module__)
+@pytest.mark.parametrize("config_class", [ft.Config, ike.Config, debias.Config, grace.Config],
+                         ids=lambda c: c.__module__)
 def test_every_config_field_has_a_bad_value_above_and_defaults_are_valid(config_class):
     fields = {f.name for f in dataclasses.fields(config_class)}
     assert fields == {n for c, n, _ in BAD_VALUES if c is config_class}

@@ -7,7 +7,7 @@ __post_init__) and two functions:
 `edit()` snapshots the touched parameters first, so a failed edit or `undo()` restores them bit for bit.
 Undo order: each model keeps its live edits in order; `undo()` refuses (EditError, nothing changes) while a later
 live edit changed some of the same weights, since restoring the snapshot would silently erase that edit too.
-Edits on other weights, IKE contexts and T-Patcher patches undo in any order.
+Edits on other weights, IKE contexts, T-Patcher patches and CaliNET slots undo in any order.
 """
 import importlib
 import itertools
@@ -24,7 +24,8 @@ from .requests import EditError, as_request_list
 
 # method name -> module; each module is one algorithm, readable beside its chapter.
 METHODS = {"ft": "kedit_lite.ft", "ike": "kedit_lite.ike", "rome": "kedit_lite.rome", "memit": "kedit_lite.memit",
-           "mend": "kedit_lite.mend", "t-patcher": "kedit_lite.t_patcher", "grace": "kedit_lite.grace"}
+           "mend": "kedit_lite.mend", "t-patcher": "kedit_lite.t_patcher", "grace": "kedit_lite.grace",
+           "calinet": "kedit_lite.calinet"}
 
 
 def get_method(name):
@@ -133,7 +134,7 @@ class EditResult:
 
     @property
     def adds_modules(self):
-        """True when the edit added something beside the weights (T-Patcher's neurons), which undo() removes."""
+        """True when the edit added modules (T-Patcher's neurons, CaliNET's slots), which undo() removes."""
         return self._restore_extra is not None
 
     def saved_weights(self):

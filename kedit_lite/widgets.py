@@ -14,7 +14,8 @@ from .requests import EditCase, EditError, EditRequest, Probe
 PROBE_KINDS = ("paraphrase", "reverse", "portability", "locality")
 METHOD_LABELS = {"ft": "FT-L (fine-tune one layer)", "ike": "IKE (in-context)", "rome": "ROME (rank-one)",
                  "memit": "MEMIT (mass edit)", "mend": "MEND (learned editor)", "t-patcher": "T-Patcher (extra neuron)",
-                 "grace": "GRACE (codebook adaptor)"}
+                 "grace": "GRACE (codebook adaptor)",
+                 "calinet": "CaliNET (calibration slots)"}
 
 
 def available_methods():

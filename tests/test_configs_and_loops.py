@@ -1,5 +1,5 @@
-"""FT, IKE, debias and GRACE Configs (every field's bad value named), FT's reference equal to the fast path, the shared
-clamped Adam, the one edit -> score -> undo loop (metrics.score_edit), tokens.chat and the library's caches."""
+"""FT, IKE, debias, GRACE and CaliNET Configs (every field's bad value named), FT's reference equal to the fast path,
+the shared clamped Adam, the one edit -> score -> undo loop (metrics.score_edit), tokens.chat and the caches."""
 import copy
 import dataclasses
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kedit_lite as ke
-from kedit_lite import caches, checks, debias, ft, grace, ike, optimise, retrieval, tokens, tracing  # noqa: F401
+from kedit_lite import caches, calinet, checks, debias, ft, grace, ike, optimise, retrieval, tokens, tracing  # noqa: F401
 from kedit_lite.metrics import EditScore, score_edit
 from kedit_lite.requests import EditError
 from tests.conftest import assert_same_weights, make_tiny, snapshot
@@ -42,6 +42,12 @@ BAD_VALUES = [
     (grace.Config, "replacement", "all"), (grace.Config, "replacement", None), (grace.Config, "value_init", "hot"),
     (grace.Config, "seed", -1), (grace.Config, "seed", 1.5), (grace.Config, "radius_margin", -1e-3),
     (grace.Config, "radius_margin", "0"), (grace.Config, "progress", 1),
+    (calinet.Config, "layers", []), (calinet.Config, "layers", [True]), (calinet.Config, "layers", "1"),
+    (calinet.Config, "n_slots", 0), (calinet.Config, "n_slots", 2.0), (calinet.Config, "steps", True),
+    (calinet.Config, "lr", -1e-2), (calinet.Config, "lr", math.nan), (calinet.Config, "target_loss", "0"),
+    (calinet.Config, "n_prefixes", -1), (calinet.Config, "templates", "{} is in"),
+    (calinet.Config, "templates", ["no subject"]), (calinet.Config, "templates", ["{} is in "]),
+    (calinet.Config, "seed", 1.5), (calinet.Config, "progress", 1),
 ]
 
 
@@ -53,7 +59,7 @@ def test_every_bad_config_value_is_an_edit_error_naming_the_field(config_class, 
     assert type(err.value) is EditError
 
 
-@pytest.mark.parametrize("config_class", [ft.Config, ike.Config, debias.Config, grace.Config],
+@pytest.mark.parametrize("config_class", [ft.Config, ike.Config, debias.Config, grace.Config, calinet.Config],
                          ids=lambda c: c.__module__)
 def test_every_config_field_has_a_bad_value_above_and_defaults_are_valid(config_class):
     fields = {f.name for f in dataclasses.fields(config_class)}

@@ -13,7 +13,8 @@ from .requests import EditCase, EditError, EditRequest, Probe
 
 PROBE_KINDS = ("paraphrase", "reverse", "portability", "locality")
 METHOD_LABELS = {"ft": "FT-L (fine-tune one layer)", "ike": "IKE (in-context)", "rome": "ROME (rank-one)",
-                 "memit": "MEMIT (mass edit)", "mend": "MEND (learned editor)", "t-patcher": "T-Patcher (extra neuron)"}
+                 "memit": "MEMIT (mass edit)", "mend": "MEND (learned editor)", "t-patcher": "T-Patcher (extra neuron)",
+                 "serac": "SERAC (edit memory + scope classifier)"}
 
 
 def available_methods():

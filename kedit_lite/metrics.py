@@ -110,19 +110,34 @@ def _check_before(before, case):
                         "before=ke.evaluate(model, tok, case) of this same case on the unedited model")
 
 
+def with_context(context, prompts):
+    """Each prompt as the edited model reads it: `context` is a fixed text (IKE) or a callable prompt -> prefix."""
+    if isinstance(context, str):
+        return [context + p for p in prompts]
+    if not callable(context):
+        raise TypeError(f"context: expected a string or a callable prompt -> prefix, got {type(context).__name__}")
+    out = []
+    for p in prompts:
+        prefix = context(p)
+        if not isinstance(prefix, str):
+            raise TypeError(f"context: the callable returned {type(prefix).__name__} for {p!r}; it must return the "
+                            "prefix text ('' for none)")
+        out.append(prefix + p)
+    return out
+
+
 def evaluate(model, tok, case, before=None, context="", generation=True, max_new_tokens=None):
     """Score one edit case on the current model; returns {kind: {"token_acc", "gen", ...}, "details": ...}.
 
     `before`: the result of evaluate() on the unedited model; locality then measures agreement with it.
-    `context`: text prepended to every prompt (IKE's demonstrations; empty for weight edits).
+    `context`: text prepended to every prompt (IKE's demonstrations; empty for weight edits), or a callable
+    prompt -> prefix deciding per query (SERAC's router: the edit's prefix in its scope, '' outside).
     """
     case = _as_case(case)
     _check_before(before, case)
-    if not isinstance(context, str):
-        raise TypeError(f"context: expected a string, got {type(context).__name__}")
     kinds = {k: v for k, v in probes_of(case).items() if v}
     flat = [(k, p) for k, probes in kinds.items() for p in probes]
-    prompts = [context + p.prompt for _, p in flat]
+    prompts = with_context(context, [p.prompt for _, p in flat])
     tf = teacher_forced(model, tok, prompts, [p.answer for _, p in flat])
     gens = [None] * len(flat)
     if generation:
@@ -149,8 +164,8 @@ def evaluate(model, tok, case, before=None, context="", generation=True, max_new
             rows = details.get(kind, [])
             if not rows:
                 continue
-            prompts = [context + r["prompt"] for r in rows]
-            true = teacher_forced(model, tok, prompts, [case.request.target_true] * len(rows))
+            true = teacher_forced(model, tok, [prompts[j] for j, (k, _) in enumerate(flat) if k == kind],
+                                  [case.request.target_true] * len(rows))
             for row, t in zip(rows, true):
                 row["logprob_true"] = t["logprob"]
             scores[kind]["prob_wins"] = sum(r["logprob"] > t["logprob"] for r, t in zip(rows, true)) / len(rows)
@@ -165,7 +180,7 @@ class EditScore:
     after: object           # evaluate() on the edited model, locality measured against `before`
     seconds: float          # the edit itself (EditResult.seconds)
     eval_seconds: float     # scoring the edited model (IKE pays its context here, on every query)
-    context: str            # the text the edit prepended to queries (IKE), else ''
+    context: object         # what the edit prepends to queries: IKE's text, SERAC's router (callable), else ''
     result: object          # the EditResult, undone: the model is bit-identical to before
 
 

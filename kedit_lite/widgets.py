@@ -15,7 +15,8 @@ PROBE_KINDS = ("paraphrase", "reverse", "portability", "locality")
 METHOD_LABELS = {"ft": "FT-L (fine-tune one layer)", "ike": "IKE (in-context)", "rome": "ROME (rank-one)",
                  "memit": "MEMIT (mass edit)", "mend": "MEND (learned editor)", "t-patcher": "T-Patcher (extra neuron)",
                  "grace": "GRACE (codebook adaptor)",
-                 "calinet": "CaliNET (calibration slots)"}
+                 "calinet": "CaliNET (calibration slots)",
+                 "serac": "SERAC (edit memory + scope classifier)"}
 
 
 def available_methods():

@@ -1,5 +1,5 @@
-"""FT, IKE, debias, GRACE and CaliNET Configs (every field's bad value named), FT's reference equal to the fast path,
-the shared clamped Adam, the one edit -> score -> undo loop (metrics.score_edit), tokens.chat and the caches."""
+"""FT, IKE, debias, GRACE, CaliNET and SERAC Configs (every field's bad value named), FT's reference equal to the fast
+path, the shared clamped Adam, the one edit -> score -> undo loop (metrics.score_edit), tokens.chat and the caches."""
 import copy
 import dataclasses
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kedit_lite as ke
-from kedit_lite import caches, calinet, checks, debias, ft, grace, ike, optimise, retrieval, tokens, tracing  # noqa: F401
+from kedit_lite import caches, calinet, checks, debias, ft, grace, ike, optimise, retrieval, serac, tokens, tracing  # noqa: F401,E501
 from kedit_lite.metrics import EditScore, score_edit
 from kedit_lite.requests import EditError
 from tests.conftest import assert_same_weights, make_tiny, snapshot
@@ -48,6 +48,11 @@ BAD_VALUES = [
     (calinet.Config, "n_prefixes", -1), (calinet.Config, "templates", "{} is in"),
     (calinet.Config, "templates", ["no subject"]), (calinet.Config, "templates", ["{} is in "]),
     (calinet.Config, "seed", 1.5), (calinet.Config, "progress", 1),
+    (serac.Config, "checkpoint", 5), (serac.Config, "checkpoint", ["g.safetensors"]),
+    (serac.Config, "threshold", 0), (serac.Config, "threshold", 1), (serac.Config, "threshold", True),
+    (serac.Config, "threshold", "0.5"), (serac.Config, "threshold", math.nan),
+    (serac.Config, "demos", -1), (serac.Config, "demos", 2.0), (serac.Config, "demos", True),
+    (serac.Config, "pool", "nope"), (serac.Config, "pool", []), (serac.Config, "pool", 5),
 ]
 
 
@@ -59,7 +64,8 @@ def test_every_bad_config_value_is_an_edit_error_naming_the_field(config_class, 
     assert type(err.value) is EditError
 
 
-@pytest.mark.parametrize("config_class", [ft.Config, ike.Config, debias.Config, grace.Config, calinet.Config],
+@pytest.mark.parametrize("config_class", [ft.Config, ike.Config, debias.Config, grace.Config, calinet.Config,
+                                          serac.Config],
                          ids=lambda c: c.__module__)
 def test_every_config_field_has_a_bad_value_above_and_defaults_are_valid(config_class):
     fields = {f.name for f in dataclasses.fields(config_class)}

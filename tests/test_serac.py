@@ -203,7 +203,7 @@ def test_bench_records_a_memory_edit(tok):
                        locality=[ke.Probe(OUT_OF_SCOPE[1], "Oslo")])
     row = bench.run_method(model, tok, [case], "serac", generation=False)
     assert row["uses_context"] and row["adds_modules"] and not row["changes_weights"]
-    assert len(serac.memory(model)) == 0 and "serac+ours" in bench.variants()
+    assert len(serac.memory(model)) == 0 and bench.method_and_options("serac+ours") == ("serac", serac.IMPROVED)
 
 
 def test_scope_pairs_and_training_lower_the_loss():

@@ -22,11 +22,12 @@ from transformers.activations import ACT2FN
 
 from . import checks
 from .adapters import check_layer, mlp_dims, module_name, num_layers
+from .forward import split_below
 from .hooks import attach, first_tensor, patch as patched_output, record, replace_first_tensor
 from .keys_values import context_prefixes
 from .optimise import clamped_adam
 from .requests import EditError, as_request_list
-from .t_patcher import answer_logits, split_below
+from .t_patcher import answer_logits
 from .tokens import encode_pairs
 
 # model -> [CalibrationSlots] currently installed, oldest first. Not a cache: the live slots undo() removes.

@@ -20,6 +20,7 @@ import torch
 
 from . import checks
 from .adapters import check_layer, get_module, mlp_dims, module_name, num_layers
+from .forward import split_below
 from .hooks import attach, first_tensor, patch as patched_output, record, replace_first_tensor
 from .optimise import clamped_adam
 from .requests import EditError, as_request_list
@@ -289,15 +290,6 @@ def codebook_rules(cb, query, label, cfg, new_value, edit):
     return "split", add(dist / 2 + cfg.radius_margin), dist
 
 
-@torch.no_grad()
-def split_below(model, batch, layer):
-    """One forward: the wrapped layer's input (B, S, d_in) and the outputs of the blocks below it, to replay."""
-    below = [module_name(model, "layer", j) for j in range(layer)]
-    name = module_name(model, "mlp_out", layer)
-    with record(model, below, whole=True) as fixed, record(model, name, what="input") as seen:
-        model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return seen[name].float(), dict(fixed)
-
 
 def _train(model, cb, rows, batch, fixed, cfg):
     """Adam on the chosen entries' values (blocks below replayed, LM head on the answer rows); returns the losses."""
@@ -351,7 +343,7 @@ def apply(model, tok, requests, cfg):
     """Add, widen or split one codebook entry per request at `layer`'s MLP output, and train the values it maps to."""
     layer = resolve_layer(model, cfg.layer)
     batch = edit_batch(model, tok, requests)
-    q_all, fixed = split_below(model, batch, layer)
+    q_all, fixed = split_below(model, batch, layer, kind="mlp_out")
     rows = torch.arange(len(requests), device=q_all.device)
     keys = q_all[rows, batch["prompt_lengths"] - 1]                  # the input at each prompt's last token
     cb = _codebook_at(model, layer, cfg.replacement)

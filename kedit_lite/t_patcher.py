@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import checks
 from .adapters import check_layer, module_name, num_layers
 from .caches import Cache
+from .forward import split_below
 from .hooks import attach, first_tensor, patch as patched_output, record, replace_first_tensor, replay
 from .requests import EditError, as_request_list
 from .tokens import encode_pairs
@@ -343,15 +344,6 @@ def reference_edit(model, tok, requests, cfg=Config()):
     _finish(patch, next(model.parameters()).dtype)
     return patch, history
 
-
-@torch.no_grad()
-def split_below(model, batch, layer):
-    """One full forward: the patched FFN's input q (B, S, d) and the outputs of the blocks below it, to replay."""
-    below = [module_name(model, "layer", j) for j in range(layer)]
-    mlp = module_name(model, "mlp", layer)
-    with record(model, below, whole=True) as fixed, record(model, mlp, what="input") as q:
-        model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return q[mlp].float(), dict(fixed)
 
 
 def answer_logits(model, batch, fixed):

@@ -1,18 +1,16 @@
 """Right to be forgotten (chapter 8), DEPN-style: find the neurons that leak a private record, switch them off.
 
-DEPN (Wu et al. 2023) attributes a memorised secret to individual MLP neurons with integrated gradients and
-deactivates the most responsible ones. Here a neuron is one input unit of an MLP output projection
-(one "key" of the key-value memory); deactivating it zeroes its column, an undoable weight edit.
+DEPN (Wu et al. 2023) attributes a memorised secret to individual MLP neurons with integrated gradients (those
+of Knowledge Neurons, attribution.py) and deactivates the most responsible ones. Here a neuron is one input unit
+of an MLP output projection (one "key" of the key-value memory); deactivating it zeroes its column, an undoable
+weight edit.
 Use only invented people and numbers.
 """
-import torch
-
-from .adapters import as_out_in, mlp_out_weight_name, module_name, num_layers
+from .adapters import as_out_in, mlp_out_weight_name, num_layers
+from .attribution import alphas, answer_logprob, attribution
 from .editing import edit, edit_weights
-from .hooks import patch
 from .metrics import generate
-from .requests import EditError
-from .tokens import answer_logprobs, encode_pairs
+from .tokens import encode_pairs
 
 
 def plant_record(model, tok, prompt, subject, secret, steps=60, lr=1e-3):
@@ -29,27 +27,17 @@ def leaks(model, tok, prompt, secret, max_new_tokens=12):
 
 
 def neuron_attribution(model, tok, prompt, secret, layers=None, steps=8):
-    """Integrated-gradients score of every MLP neuron for log P(secret | prompt): tensor (len(layers), d_mlp)."""
+    """Integrated-gradients score of every MLP neuron for log P(secret | prompt): tensor (len(layers), d_mlp).
+
+    Each layer's activations at every position are scaled from 0 to their value (midpoint rule), and the scores
+    at the secret's positions summed (attribution.py, shared with Knowledge Neurons, chapter 5).
+    """
     layers = list(range(num_layers(model))) if layers is None else layers
-    if not isinstance(steps, int) or steps < 1:
-        raise EditError(f"steps: expected a positive integer number of integration steps, got {steps!r}")
+    alphas(steps)   # refuses a bad number of steps before any forward
     batch = encode_pairs(tok, [prompt], [secret], next(model.parameters()).device)
     positions = batch["answer_mask"][0]
-    scores = []
-    for layer in layers:  # one layer at a time: IG scales that layer's activations from 0 to their value
-        name = module_name(model, "mlp_out", layer)
-        captured, total = {}, 0.0
-        for alpha in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
-            def scale(x, alpha=alpha):
-                captured.setdefault("base", x.detach())
-                captured["scaled"] = (captured["base"] * alpha).requires_grad_(True)
-                return captured["scaled"]
-            with torch.enable_grad(), patch(model, name, scale, what="input"):
-                logp, *_ = answer_logprobs(model, batch)
-                grad, = torch.autograd.grad(logp.sum(), captured["scaled"])
-            total = total + grad[0, positions].float()
-        scores.append((captured["base"][0, positions].float() * total / steps).sum(0))
-    return torch.stack(scores)
+    score = answer_logprob(positions, batch["labels"][0, positions])
+    return attribution(model, batch["input_ids"], layers, score, steps=steps, attributed=positions.nonzero())
 
 
 def top_neurons(scores, layers, k=20):

@@ -16,7 +16,8 @@ METHOD_LABELS = {"ft": "FT-L (fine-tune one layer)", "ike": "IKE (in-context)", 
                  "memit": "MEMIT (mass edit)", "mend": "MEND (learned editor)", "t-patcher": "T-Patcher (extra neuron)",
                  "grace": "GRACE (codebook adaptor)",
                  "calinet": "CaliNET (calibration slots)",
-                 "serac": "SERAC (edit memory + scope classifier)"}
+                 "serac": "SERAC (edit memory + scope classifier)",
+                 "kn": "KN (knowledge neurons)"}
 
 
 def available_methods():

@@ -1,5 +1,5 @@
-"""FT, IKE, debias, GRACE, CaliNET and SERAC Configs (every field's bad value named), FT's reference equal to the fast
-path, the shared clamped Adam, the one edit -> score -> undo loop (metrics.score_edit), tokens.chat and the caches."""
+"""FT, IKE, debias, GRACE, CaliNET, SERAC and KN Configs (every field's bad value named), FT's reference equal to the
+fast path, the shared clamped Adam, the one edit -> score -> undo loop (metrics.score_edit), tokens.chat and the caches."""
 import copy
 import dataclasses
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kedit_lite as ke
-from kedit_lite import caches, calinet, checks, debias, ft, grace, ike, optimise, retrieval, serac, tokens, tracing  # noqa: F401,E501
+from kedit_lite import caches, calinet, checks, debias, ft, grace, ike, kn, optimise, retrieval, serac, tokens, tracing  # noqa: F401,E501
 from kedit_lite.metrics import EditScore, score_edit
 from kedit_lite.requests import EditError
 from tests.conftest import assert_same_weights, make_tiny, snapshot
@@ -53,6 +53,14 @@ BAD_VALUES = [
     (serac.Config, "threshold", "0.5"), (serac.Config, "threshold", math.nan),
     (serac.Config, "demos", -1), (serac.Config, "demos", 2.0), (serac.Config, "demos", True),
     (serac.Config, "pool", "nope"), (serac.Config, "pool", []), (serac.Config, "pool", 5),
+    (kn.Config, "layers", "1"), (kn.Config, "layers", []), (kn.Config, "layers", [True]), (kn.Config, "layers", [2, 2]),
+    (kn.Config, "ig_steps", 0), (kn.Config, "ig_steps", True), (kn.Config, "threshold", 1.5),
+    (kn.Config, "threshold", "0.2"), (kn.Config, "share", -0.1), (kn.Config, "share", math.nan),
+    (kn.Config, "min_neurons", 0), (kn.Config, "max_neurons", 2.5), (kn.Config, "max_neurons", 1),
+    (kn.Config, "lambda1", -1.0), (kn.Config, "lambda2", math.inf), (kn.Config, "n_prefixes", -1),
+    (kn.Config, "prefix_len", 0), (kn.Config, "relation_subjects", "Paris"), (kn.Config, "relation_subjects", [""]),
+    (kn.Config, "relation_share", 2.0), (kn.Config, "scale_by_value_norm", 1), (kn.Config, "signed", "yes"),
+    (kn.Config, "progress", None),
 ]
 
 
@@ -65,7 +73,7 @@ def test_every_bad_config_value_is_an_edit_error_naming_the_field(config_class, 
 
 
 @pytest.mark.parametrize("config_class", [ft.Config, ike.Config, debias.Config, grace.Config, calinet.Config,
-                                          serac.Config],
+                                          serac.Config, kn.Config],
                          ids=lambda c: c.__module__)
 def test_every_config_field_has_a_bad_value_above_and_defaults_are_valid(config_class):
     fields = {f.name for f in dataclasses.fields(config_class)}
